@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lab docs setup model sync-check nbtest pytest bench clean-venv
+.PHONY: demo test lab docs setup model browser sync-check nbtest pytest bench clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ $(STAMP): requirements.txt settings.ini setup.py
 model: $(STAMP)
 	$(BIN)/python -m qlora_nb.models prepare smollm2-135m
 
+# Debian's chromium for the browser tests (never a browser that playwright downloads). Without root or apt the
+# browser tests skip and say why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium could not be installed: the browser tests will skip"; }
+
 # The package and README.md must be what nbdev_export and the docs module make of the notebooks, and the
 # notebooks must be clean: any file these commands change fails the check.
 SYNCED = find nbs qlora_nb README.md -type f \( -name '*.ipynb' -o -name '*.py' -o -name README.md \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
@@ -48,10 +54,11 @@ sync-check: $(STAMP)
 	else echo "ok: nbdev_clean and nbdev_export leave no diff"; fi
 
 # `slow` cells (the real 135M model) run here too; `cuda` cells only where a GPU is.
+NBTEST_FLAGS := slow $(shell command -v nvidia-smi >/dev/null && echo cuda)
 nbtest: $(STAMP) model
-	$(BIN)/nbdev_test --n_workers 2 --timing --flags slow
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))"
 
-pytest: $(STAMP) model
+pytest: $(STAMP) model browser
 	$(BIN)/python -m pytest tests -q -ra
 
 test: sync-check nbtest pytest
