@@ -53,13 +53,14 @@ sync-check: $(STAMP)
 	  diff <(echo "$$before") <(echo "$$after") | grep '^[<>]' | awk '{print "  " $$3}' | sort -u; exit 1; \
 	else echo "ok: nbdev_clean and nbdev_export leave no diff"; fi
 
-# `slow` cells (the real 135M model) run here too; `cuda` cells only where a GPU is.
+# `slow` cells (the real 135M model) run here too; `cuda` cells only where a GPU is. Two notebooks run at once,
+# one thread each: the tiny model's matrices gain nothing from a second thread on a busy core.
 NBTEST_FLAGS := slow $(shell command -v nvidia-smi >/dev/null && echo cuda)
 nbtest: $(STAMP) model
-	$(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))"
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))"
 
 pytest: $(STAMP) model browser
-	$(BIN)/python -m pytest tests -q -ra
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q -ra
 
 test: sync-check nbtest pytest
 

@@ -1,0 +1,132 @@
+"""Quantizer speed against bitsandbytes' CPU path and a plain memory copy, all measured in this run.
+
+1. quantize_4bit / dequantize_4bit of a 4096x4096 tensor, fp32 and bf16, blocksize 64, double quantization on and off.
+   Goals: quantize >= 10x faster than bitsandbytes, dequantize at least as fast, bit-exact (checked here).
+2. Greedy generation, batch 1, 64 new tokens, through NF4Linear vs bitsandbytes 4-bit (fp32 compute) vs fp32.
+   Goal: >= 1.5x bitsandbytes' tokens/s.
+
+Run: .venv/bin/python bench/quant.py [--skip-generate] [--repeats N]"""
+import argparse, os, statistics, time, warnings
+
+# On a shared, oversubscribed CPU, OpenMP threads that spin-wait after each parallel region steal the cores the next
+# region needs (measured here: 5-10x slower small ops after an inductor kernel). Sleeping waits help both libraries.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+from qlora_nb.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from qlora_nb.quant_linear import NF4Linear, quantize_model  # noqa: E402
+
+
+def timed(fn, repeats):
+    "Median seconds of `repeats` calls after one warm-up call (which also compiles)."
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed_interleaved(fns, repeats):
+    "Median seconds of each function, calling them in turn so that a busy machine slows them all alike."
+    for fn in fns: fn()  # warm-up (compiles)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter(); fn(); bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def bench_tensor(repeats):
+    print(f"== 4096x4096, blocksize 64, torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {repeats}")
+    print(f"{'dtype':6} {'DQ':3} | {'quantize ms':>11} {'bnb ms':>8} {'x bnb':>6} {'copy ms':>8} {'x copy':>6} |"
+          f" {'dequant ms':>10} {'bnb ms':>8} {'x bnb':>6} {'copy ms':>8} {'x copy':>6} | exact")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        A = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+        for double_quant in (True, False):
+            packed, state = quantize_4bit(A, "nf4", 64, double_quant)
+            ref_packed, ref_state = bnbF.quantize_4bit(A, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+            out = dequantize_4bit(packed, state)
+            exact = (torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+                     and torch.equal(out, bnbF.dequantize_4bit(ref_packed, ref_state)))
+            t_q, t_q_bnb, t_copy_in = timed_interleaved([
+                lambda: quantize_4bit(A, "nf4", 64, double_quant),
+                lambda: bnbF.quantize_4bit(A, blocksize=64, quant_type="nf4", compress_statistics=double_quant),
+                lambda: A.clone()], repeats)  # the input's bytes: what quantize must at least read
+            t_dq, t_dq_bnb, t_copy_out = timed_interleaved([
+                lambda: dequantize_4bit(packed, state),
+                lambda: bnbF.dequantize_4bit(ref_packed, ref_state),
+                lambda: out.clone()], repeats)  # the output's bytes: what dequantize must at least write
+            name = str(dtype).removeprefix("torch.")[:6]
+            print(f"{name:6} {'on' if double_quant else 'off':3} | {t_q*1e3:11.1f} {t_q_bnb*1e3:8.1f} {t_q_bnb/t_q:6.1f} "
+                  f"{t_copy_in*1e3:8.1f} {t_copy_in/t_q:6.2f} | {t_dq*1e3:10.1f} {t_dq_bnb*1e3:8.1f} {t_dq_bnb/t_dq:6.2f} "
+                  f"{t_copy_out*1e3:8.1f} {t_copy_out/t_dq:6.2f} | {exact}")
+            rows.append((t_q_bnb / t_q, t_dq_bnb / t_dq, exact))
+    print(f"quantize speed-up over bnb: min {min(r[0] for r in rows):.1f}x (goal >= 10x); "
+          f"dequantize: min {min(r[1] for r in rows):.2f}x (goal >= 1x); all bit-exact: {all(r[2] for r in rows)}")
+
+
+def load_model():
+    "SmolLM2-135M if qlora_nb.models can load it, else a random model of the same shape (speed does not depend on values)."
+    try:
+        from qlora_nb.models import load_base
+        loaded = load_base("smollm2-135m", dtype=torch.float32, device="cpu")
+        model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
+        return model.float().eval(), "smollm2-135m"
+    except Exception as e:  # not prepared here: same architecture, random weights
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).float().eval(), f"random LlamaForCausalLM, SmolLM2-135M shape ({type(e).__name__})"
+
+
+def to_bnb_4bit(model):
+    "Replace every nn.Linear but lm_head by bitsandbytes' Linear4bit (NF4, double quant, fp32 compute)."
+    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=layer)
+        if linear.bias is not None: layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to("cpu"))
+    return model.eval()
+
+
+def tokens_per_second(model, new_tokens=64, runs=2):
+    prompt = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 355]])
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up, compiles
+        best = min(timed_once(lambda: model.generate(prompt, **kwargs)) for _ in range(runs))
+    return new_tokens / best
+
+
+def timed_once(fn):
+    start = time.perf_counter(); fn(); return time.perf_counter() - start
+
+
+def bench_generate():
+    import copy
+    base, what = load_model()
+    print(f"\n== greedy generation, batch 1, 64 new tokens: {what}")
+    fp32 = tokens_per_second(base)
+    ours = tokens_per_second(quantize_model(copy.deepcopy(base)))
+    theirs = tokens_per_second(to_bnb_4bit(copy.deepcopy(base)))
+    print(f"fp32: {fp32:.1f} tok/s   NF4Linear: {ours:.1f} tok/s   bnb 4-bit (fp32 compute): {theirs:.1f} tok/s")
+    print(f"NF4Linear / bnb = {ours/theirs:.2f}x (goal >= 1.5x)   NF4Linear / fp32 = {ours/fp32:.2f}x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    bench_tensor(args.repeats)
+    if not args.skip_generate: bench_generate()

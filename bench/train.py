@@ -1,0 +1,89 @@
+"""The trainer's overhead (callbacks, run log, monitors, progress bar) against a bare loop doing the same steps.
+
+Both train the same model (SmolLM2-135M with LoRA r=16 on all linear layers, or `--model tiny`) on the same
+batches: collate, forward, backward, clip to max_norm, AdamW step, schedule step, zero_grad. They alternate in
+rounds of `--steps` steps, so machine load affects both alike; we compare the median per-step time of each and
+print the overhead as a ratio, by wall clock and by this process's CPU time (steadier on a shared machine; run
+with OMP_NUM_THREADS=1 so CPU time is not inflated by threads waiting for each other). Goal: under 3%.
+
+    .venv/bin/python bench/train.py [--model smollm2-135m|tiny] [--quant none|nf4] [--steps 5] [--rounds 3]
+"""
+import argparse, io, statistics, tempfile, time
+from pathlib import Path
+
+import torch
+
+from qlora_nb.callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
+from qlora_nb.data import build_datasets, make_collator
+from qlora_nb.lora import LoRAConfig, add_lora
+from qlora_nb.models import load_base
+from qlora_nb.trainer import LRSchedule, RunLog, Trainer, epoch_order
+
+
+def bare_steps(model, rows, collate, optimizer, scheduler, order, max_norm):
+    "The same work as Trainer.train_step, with nothing around it."
+    params = [p for p in model.parameters() if p.requires_grad]
+    for micro_batches in order:
+        for indices in micro_batches:
+            batch = collate([rows[i] for i in indices])
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step(); optimizer.zero_grad(set_to_none=True); scheduler.step()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quant", default="none", choices=["none", "nf4"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+
+    model, tokenizer = load_base(args.model, device="cpu", dtype="fp32")
+    if args.quant != "none":
+        from qlora_nb.quant_linear import quantize_model
+        quantize_model(model, quant_type=args.quant)
+    add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05))
+    model.train()
+    data = build_datasets(tokenizer, max_length=args.max_length)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data["train"]]
+    collate = make_collator(tokenizer)
+    total = args.steps * args.rounds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        callbacks = [ThroughputMonitor(), GradientMonitor(), StabilityMonitor(warn=False),
+                     RunLog(Path(tmp) / "run.jsonl"), ProgressBar(file=io.StringIO())]
+        trainer = Trainer(model, rows, collate, callbacks=callbacks, batch_size=args.batch_size, max_steps=total,
+                          lr=2e-4, warmup_steps=2, device="cpu", dtype="fp32", max_norm=0.3)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=2e-4)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule("cosine", 2, total))
+        order = epoch_order(len(rows), 0, 0, args.batch_size)
+        bare_times, trainer_times, bare_cpu, trainer_cpu = [], [], [], []
+        bare_steps(model, rows, collate, optimizer, scheduler, order[:1], 0.3)  # warm up allocator and kernels
+        for round_index in range(args.rounds):
+            steps = order[round_index * args.steps:(round_index + 1) * args.steps]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            bare_steps(model, rows, collate, optimizer, scheduler, steps, 0.3)
+            bare_times.append((time.perf_counter() - start) / args.steps); bare_cpu.append((time.process_time() - cpu_start) / args.steps)
+            trainer.max_steps = (round_index + 1) * args.steps
+            start, cpu_start = time.perf_counter(), time.process_time()
+            trainer.fit()  # epoch_order(seed=0, epoch=0): the same rows as the bare round
+            trainer_times.append((time.perf_counter() - start) / args.steps); trainer_cpu.append((time.process_time() - cpu_start) / args.steps)
+            print(f"round {round_index + 1}: bare {bare_times[-1]:.3f} s/step ({bare_cpu[-1]:.3f} CPU s), "
+                  f"trainer {trainer_times[-1]:.3f} s/step ({trainer_cpu[-1]:.3f} CPU s)")
+
+    bare, full = statistics.median(bare_times), statistics.median(trainer_times)
+    bare_c, full_c = statistics.median(bare_cpu), statistics.median(trainer_cpu)
+    print(f"model {args.model} (quant {args.quant}), batch {args.batch_size} x {args.max_length} tokens max, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps")
+    print(f"bare loop: {bare:.3f} s/step; trainer with monitors, run log and progress bar: {full:.3f} s/step")
+    print(f"CPU time: bare {bare_c:.3f} s/step, trainer {full_c:.3f} s/step")
+    print(f"overhead: {full / bare - 1:+.1%} by wall clock, {full_c / bare_c - 1:+.1%} by CPU time (goal: under +3%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"Metrics by task type against the reference libraries, the no-reference error, and the playground driven from code."
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qlora_nb.core import set_seed
+from qlora_nb.data import load_examples
+from qlora_nb.lora import LoRAConfig, add_lora, lora_disabled
+from qlora_nb.metrics import DecodingConfig, Playground, TASK_TYPES, compare, generate, score, score_rows
+from qlora_nb.models import load_base
+
+words = st.lists(st.sampled_from(["red", "blue", "sky", "tiger", "orange", "7", "42"]), min_size=1, max_size=6).map(" ".join)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(words, words), min_size=1, max_size=8))
+def test_scores_match_the_reference_libraries(pairs):
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+    predictions, references = [p for p, _ in pairs], [r for _, r in pairs]
+    result = score(predictions, references, TASK_TYPES["text"])
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert result["rougeL"] == pytest.approx(sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(pairs))
+    assert result["bleu"] == pytest.approx(BLEU(effective_order=True).corpus_score(predictions, [references]).score / 100)
+    assert result["exact_match"] == sum(p == r for p, r in pairs) / len(pairs)
+    assert all(0 <= v <= 1 + 1e-9 for v in result.values())
+
+
+def test_classification_f1_punishes_a_constant_answer():
+    references = ["Monday", "Tuesday", "Friday", "Monday"]
+    constant = score(["Monday"] * 4, references, ["accuracy", "f1"])
+    assert constant["accuracy"] == 0.5 and constant["f1"] < 0.3
+    assert score(references, references, ["accuracy", "f1"]) == {"accuracy": 1.0, "f1": 1.0}
+
+
+@pytest.mark.parametrize("metric", ["exact_match", "accuracy", "f1", "rouge1", "rougeL", "bleu"])
+def test_a_metric_without_references_is_an_error(metric):
+    with pytest.raises(ValueError, match=f"metric '{metric}' on task 'summaries' needs reference answers"):
+        score(["some text"], None, [metric], task="summaries")
+    with pytest.raises(ValueError, match="data.jsonl:2 has none"):
+        score(["a", "b"], ["a", None], [metric], task="summaries", where=["data.jsonl:1", "data.jsonl:2"])
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    set_seed(0)
+    model, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
+    add_lora(model, LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name: param.normal_(0, 0.5)
+    return model, tokenizer
+
+
+def test_playground_side_by_side(tuned):
+    model, tokenizer = tuned
+    decoding = DecodingConfig(max_new_tokens=5, batch_size=1)
+    row = load_examples("test")[0]
+    playground = Playground(model, tokenizer, decoding=decoding)
+    playground.prompt.value, playground.input.value = row["instruction"], row["input"]
+    playground.button.click()
+    expected_tuned = generate(model, tokenizer, [row], decoding)[0]
+    with lora_disabled(model): expected_base = generate(model, tokenizer, [row], decoding)[0]
+    assert (playground.tuned_output.value, playground.base_output.value) == (expected_tuned, expected_base)
+    assert expected_tuned != expected_base and playground.status.value == "done"
+
+
+def test_compare_scores_both_models(tuned):
+    model, tokenizer = tuned
+    rows = load_examples("test")[:6]
+    comparison = compare(model, tokenizer, rows, decoding=DecodingConfig(max_new_tokens=3), forgetting_max_tokens=128)
+    assert comparison.tuned == score_rows(rows, comparison.predictions["tuned"])
+    assert comparison.base == score_rows(rows, comparison.predictions["base"])
+    assert comparison.forgetting["ratio"] == pytest.approx(comparison.forgetting["ppl_after"] / comparison.forgetting["ppl_before"])
