@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_nb.data import load_examples
 from qlora_nb.export import EXPORT_KINDS, export_main, export_run, load_run_model, logits_of
 from qlora_nb.search import SEARCHABLE, search_data, train_trial
 from qlora_nb.models import load_base
@@ -17,14 +16,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, embedded_subset):
     "A QLoRA run of the tiny model (NF4 base, blocksize 128, LoRA r=4), trained for 6 steps."
     tmp = tmp_path_factory.mktemp("export")
-    rows = [{k: r[k] for k in ("instruction", "input", "output", "task")} for r in load_examples("train")[:48]]
-    (tmp / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:32]))
-    (tmp / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows[32:]))
     _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
-    splits = search_data(tokenizer, tmp / "train.jsonl", tmp / "val.jsonl")
+    splits = search_data(tokenizer, *embedded_subset(tmp, 32, 16))
     params = {**SEARCHABLE, "r": 4, "alpha": 8, "lr": 3e-2, "blocksize": 128}
     train_trial(params, tmp / "run", splits, quantize=True, max_steps=6, eval_steps=6, device="cpu", dtype="fp32")
     return tmp / "run"

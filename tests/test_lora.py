@@ -27,12 +27,6 @@ def tiny():
     return model
 
 
-@pytest.fixture(scope="module")
-def ids():
-    set_seed(1)
-    return torch.randint(0, 2000, (2, 16))  # (B, T)
-
-
 def perturb(model, scale=0.05, seed=2):
     "Give every trainable tensor a random nudge, so B != 0 and the magnitudes move."
     set_seed(seed)

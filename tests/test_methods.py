@@ -19,12 +19,6 @@ def tiny():
     return model
 
 
-@pytest.fixture(scope="module")
-def ids():
-    set_seed(1)
-    return torch.randint(0, 2000, (2, 16))  # (B, T)
-
-
 def dequantized(model):
     "A copy of a 4-bit model with every NF4Linear turned back into an nn.Linear holding the dequantized weight."
     model = copy.deepcopy(model)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from qlora_nb.dashboard import LogTail, RunData
-from qlora_nb.data import load_examples
 from qlora_nb.models import load_base
 from qlora_nb.search import run_search, search_data, search_figures, search_table, check_space
 from qlora_nb.trainer import read_run_log
@@ -20,15 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, embedded_subset):
     "Three NF4 trials: a good learning rate, one far too small (pruned at its first eval), one from the sampler."
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tmp = tmp_path_factory.mktemp("search")
-    rows = [{k: r[k] for k in ("instruction", "input", "output", "task")} for r in load_examples("train")[:64]]
-    (tmp / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:48]))
-    (tmp / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows[48:]))
     _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
-    splits = search_data(tokenizer, tmp / "train.jsonl", tmp / "val.jsonl")
+    splits = search_data(tokenizer, *embedded_subset(tmp, 48, 16))
     good = {"r": 8, "alpha": 16, "dropout": 0.0, "lr": 2e-2, "target_modules": "all", "blocksize": 64}
     bad = {**good, "lr": 1e-5, "blocksize": 128}
     return run_search(SPACE, tmp / "study", n_trials=3, splits=splits, quantize=True, max_steps=8, eval_steps=4, batch_size=8,
