@@ -5,8 +5,12 @@
 2. Greedy generation, batch 1, 64 new tokens, through NF4Linear vs bitsandbytes 4-bit (fp32 compute) vs fp32.
    Goal: >= 1.5x bitsandbytes' tokens/s.
 
-Run: .venv/bin/python bench/quant.py [--skip-generate] [--repeats N]"""
-import argparse, os, statistics, time, warnings
+Our dequantize_4bit puts big outputs in transparent huge pages; bitsandbytes and the copy get ordinary pages, as
+their users do. To compare the kernels alone, the tensor part runs again in a subprocess with THP_MEM_ALLOC_ENABLE=1,
+which makes PyTorch put every big allocation (bitsandbytes' outputs and the copy too) in huge pages.
+
+Run: .venv/bin/python bench/quant.py [--skip-generate] [--repeats N] [--no-thp-rerun]"""
+import argparse, os, statistics, subprocess, sys, time, warnings
 
 # On a shared, oversubscribed CPU, OpenMP threads that spin-wait after each parallel region steal the cores the next
 # region needs (measured here: 5-10x slower small ops after an inductor kernel). Sleeping waits help both libraries.
@@ -42,7 +46,8 @@ def timed_interleaved(fns, repeats):
 
 
 def bench_tensor(repeats):
-    print(f"== 4096x4096, blocksize 64, torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {repeats}")
+    pages = "huge pages for every allocation (THP_MEM_ALLOC_ENABLE=1)" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "huge pages for our outputs only"
+    print(f"== 4096x4096, blocksize 64, torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {repeats}, {pages}")
     print(f"{'dtype':6} {'DQ':3} | {'quantize ms':>11} {'bnb ms':>8} {'x bnb':>6} {'copy ms':>8} {'x copy':>6} |"
           f" {'dequant ms':>10} {'bnb ms':>8} {'x bnb':>6} {'copy ms':>8} {'x copy':>6} | exact")
     rows = []
@@ -127,6 +132,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-thp-rerun", action="store_true", help="skip the rerun with huge pages for every allocation")
     args = parser.parse_args()
     bench_tensor(args.repeats)
+    if not args.no_thp_rerun and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        print("\n(kernels alone: the same with THP_MEM_ALLOC_ENABLE=1, in a subprocess)", flush=True)
+        subprocess.run([sys.executable, __file__, "--skip-generate", "--no-thp-rerun", "--repeats", str(args.repeats)],
+                       env={**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}, check=True)
     if not args.skip_generate: bench_generate()

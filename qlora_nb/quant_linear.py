@@ -15,20 +15,28 @@ from .quant import (BLOCKSIZES, QuantState, _check_state, block_absmax, dequanti
                             quant_state_dict, quantize_4bit, quantized_nbytes)
 
 # %% auto #0
-__all__ = ['DECODE_MAX_ROWS', 'LAYER_COMPILE_MIN_NUMEL', 'DequantizeMatmul', 'gemv_4bit', 'NF4Linear', 'quantize_model',
-           'memory_report']
+__all__ = ['DECODE_MAX_ROWS', 'LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'gemv_4bit', 'NF4Linear',
+           'quantize_model', 'memory_report']
 
 # %% ../nbs/01a_quant_linear.ipynb #abb92669
+_scratch_buffers:dict = {}  # (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
+
+def scratch_buffer(numel:int, dtype:torch.dtype, device:torch.device) -> torch.Tensor:
+    "The shared buffer for a dequantized weight of `numel` values: its contents last until the next matmul of that size."
+    key = (torch.device(device), dtype, numel)
+    if key not in _scratch_buffers: _scratch_buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return _scratch_buffers[key]
+
 class DequantizeMatmul(torch.autograd.Function):
     "`x @ W.T` for a 4-bit layer: W is dequantized in forward and again in backward, never saved."
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer  # a module reference, not a tensor: nothing weight-sized is kept for backward
-        return F.linear(x, layer.dequantize())  # (..., out)
+        return F.linear(x, layer.dequantize(scratch=True))  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: (..., out)
-        grad_x = grad_out @ ctx.layer.dequantize() if ctx.needs_input_grad[0] else None  # (..., in)
+        grad_x = grad_out @ ctx.layer.dequantize(scratch=True) if ctx.needs_input_grad[0] else None  # (..., in)
         return grad_x, None
 
 # %% ../nbs/01a_quant_linear.ipynb #a414920f
@@ -114,10 +122,13 @@ class NF4Linear(nn.Module):
         packed, state = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant, fast=_fast(linear.weight, linear.weight.numel()))
         return cls(packed, state, linear.bias, compute_dtype)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, scratch:bool=False, # write into the shared `scratch_buffer` (valid until the next matmul) instead of a new tensor
+                   ) -> torch.Tensor:
         "The weight `(out_features, in_features)` in `compute_dtype`."
         if _use_bnb(self.weight.device): return _bnb_dequantize(self.weight, self.quant_state, self.compute_dtype)
-        return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype, fast=_fast(self.weight, 2 * self.weight.numel()))
+        numel = self.out_features * self.in_features
+        out = scratch_buffer(numel, self.compute_dtype, self.weight.device) if scratch else None
+        return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype, fast=_fast(self.weight, numel), out=out)
 
     def _decodes(self, x) -> bool:
         "Whether `x` takes the fused decode kernel: a few rows, CPU, fp32, no input gradient, aligned blocks."
