@@ -5,6 +5,7 @@
 # %% ../nbs/02b_memory.ipynb #87f00627
 from __future__ import annotations
 import functools, gc, json, re, subprocess, sys, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -194,6 +195,16 @@ class MemoryEstimate:
 # %% ../nbs/02b_memory.ipynb #40e68bf9
 CPU_ALLOCATOR_SLACK = 0.6  # measured: peak RSS minus live bytes, as a fraction of activations + loss buffers
 
+@contextmanager
+def _checkpointing_off(model:nn.Module):
+    "Switch Hugging Face gradient checkpointing off inside the block; yield how many decoder layers had it on."
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    for module in flagged: module.gradient_checkpointing = False
+    innermost = [m for m in flagged if not any(inner is not m and inner in flagged for inner in m.modules())]  # the layers
+    try: yield len(innermost)
+    finally:
+        for module in flagged: module.gradient_checkpointing = True
+
 def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora, prepare_model, ...)
                     batch_size:int,  # sequences per step
                     seq_len:int,  # tokens per sequence
@@ -208,7 +219,8 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable: raise ValueError(f"{type(model).__name__} trains nothing; set it up first (add_lora, prepare_model)")
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    probe = [saved_activation_bytes(model, 1, length, chunk_size) for length in (32, 64)]
+    with _checkpointing_off(model) as layers:
+        probe = [saved_activation_bytes(model, 1, length, chunk_size) for length in (32, 64)]
     per_token = (probe[1] - probe[0]) / 32
     constant = max(probe[0] - 32 * per_token, 0)
     tokens = batch_size * seq_len
@@ -216,6 +228,9 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
     # the model's own loss: the logits stay alive in its output, and backward makes two more (tokens, V) tensors
     loss_buffers = (3 * tokens if chunk_size is None else 2 * min(chunk_size, tokens)) * vocab * logit_bytes
     activations = int(constant + per_token * tokens)
+    if layers:  # each layer keeps only its input, and backward recomputes one layer's activations at a time
+        residual_bytes = tokens * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
+        activations = activations // layers + layers * residual_bytes
     device = next(model.parameters()).device
     slack = (CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0.0) if allocator_slack is None else allocator_slack
     return MemoryEstimate(weights_by_dtype=weight_bytes_by_dtype(model), trainable_params=sum(p.numel() for p in trainable),
@@ -253,22 +268,23 @@ def measure_step(model:str="tiny",  # 'tiny', 'smollm2-135m' or a local folder
                  steps:int=2, lr:float=1e-4, seed:int=0,
                  estimate:bool=True,  # also run `estimate_memory` before the steps
                  malloc_mmap_threshold:int|None=None,  # glibc: serve blocks this big by mmap, so freeing returns them
+                 dtype:str="fp32",  # 'fp32', or 'bf16': a bf16 base (and 4-bit compute) under bf16 autocast
+                 gradient_checkpointing:bool=False,  # recompute each decoder layer's activations in backward
                 ) -> dict:
     "Load, set up and train `steps` AdamW steps in this process; return timings, losses, RSS figures and the estimate."
     from qlora_nb.methods import load_for_training
+    check_in(dtype, ("fp32", "bf16"), "dtype")
     if malloc_mmap_threshold: release_freed_memory(malloc_mmap_threshold)
     from qlora_nb.lora import LoRAConfig
     start = time.perf_counter()
     net, _ = load_for_training(model, method=method, backend=backend, quantize=quantize, lora_config=LoRAConfig(r=r, alpha=alpha),
-                               device="cpu", dtype="fp32", seed=seed)
+                               device="cpu", dtype=dtype, seed=seed)
+    if gradient_checkpointing: net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     load_seconds = time.perf_counter() - start
     gc.collect()
     result = dict(model=model, backend=backend, method=method, quantize=quantize, r=r, batch_size=batch_size, seq_len=seq_len,
                   chunk_size=chunk_size, loaded_rss=_status_bytes(), load_peak_rss=_status_bytes("VmHWM"),
                   load_seconds=load_seconds)
-    if estimate:
-        found = estimate_memory(net, batch_size, seq_len, chunk_size=chunk_size)
-        result["estimate"] = dict(found.rows())
     set_seed(seed)
     ids = torch.randint(0, net.config.vocab_size, (batch_size, seq_len))  # (B, T)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
@@ -277,10 +293,16 @@ def measure_step(model:str="tiny",  # 'tiny', 'smollm2-135m' or a local folder
     step_seconds, cpu_seconds, losses = [], [], []
     for _ in range(steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = causal_lm_loss(net, ids, ids, chunk_size=chunk_size) if chunk_size else net(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = causal_lm_loss(net, ids, ids, chunk_size=chunk_size) if chunk_size else net(input_ids=ids, labels=ids).loss
         loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - start); cpu_seconds.append(time.process_time() - cpu_start); losses.append(loss.item())
-    return {**result, "malloc_mmap_threshold": malloc_mmap_threshold, "step_peak_rss": _status_bytes("VmHWM"),
+        losses.append(loss.item()); del loss  # the graph goes now, not when the next forward replaces it
+        step_seconds.append(time.perf_counter() - start); cpu_seconds.append(time.process_time() - cpu_start)
+    step_peak_rss = _status_bytes("VmHWM")
+    if estimate:  # after the steps, so that its probes don't count in the step's peak (it doesn't depend on them)
+        result["estimate"] = dict(estimate_memory(net, batch_size, seq_len, chunk_size=chunk_size).rows())
+    return {**result, "malloc_mmap_threshold": malloc_mmap_threshold, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
+            "step_peak_rss": step_peak_rss,
             "step_seconds": step_seconds, "step_cpu_seconds": cpu_seconds, "losses": losses}
 
 def measure_in_subprocess(timeout:float=1800,  # seconds before the measurement is abandoned

@@ -14,10 +14,10 @@ from .core import check_in
 
 # %% auto #0
 __all__ = ['NF4_CODE', 'FP4_CODE', 'FP4_CODE_OF_RANK', 'BLOCKSIZES', 'QUANT_DTYPES', 'COMPILE_MIN_NUMEL', 'DYNAMIC_CODE',
-           'HUGE_PAGE', 'HUGE_OUTPUT_MIN', 'nf4_code', 'fp4_code', 'int_code', 'codebook', 'code_midpoints',
-           'dynamic_code', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit', 'QuantState', 'quantize_4bit',
-           'empty_output', 'byte_pair_table', 'bf16_bits', 'block_absmax', 'dequantize_4bit', 'quant_state_dict',
-           'load_quant_state_dict', 'quantized_nbytes', 'bits_per_param']
+           'HUGE_PAGE', 'HUGE_OUTPUT_MIN', 'WORD_DTYPE', 'nf4_code', 'fp4_code', 'int_code', 'codebook',
+           'code_midpoints', 'dynamic_code', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit', 'QuantState',
+           'quantize_4bit', 'empty_output', 'byte_pair_table', 'bf16_bits', 'block_absmax', 'dequantize_4bit',
+           'quant_state_dict', 'load_quant_state_dict', 'quantized_nbytes', 'bits_per_param']
 
 # %% ../nbs/01_quant.ipynb #8383fc4c
 def nf4_code(offset:float=0.9677083,  # the largest probability whose normal quantile becomes the value 1.0
@@ -331,21 +331,38 @@ def bf16_bits(x:torch.Tensor) -> torch.Tensor:
     bits = x.view(torch.int32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 
-def _dequantize_full_blocks(packed, absmax, pair_table, out):
-    "Write the values of packed full blocks `(nb, bs/2)` into `out`: `(nb, bs)` fp32 or fp16, or `(nb, bs/2)` int32 for bf16 pairs."
-    if out.dtype == torch.int32:  # bf16: each word is the (high, low) pair, low address first
-        byte = packed.to(torch.int32)  # (nb, bs/2)
-        high, low = pair_table[:, 0][byte] * absmax[:, None], pair_table[:, 1][byte] * absmax[:, None]  # (nb, bs/2) fp32
-        out.copy_(bf16_bits(high) | (bf16_bits(low) << 16))
-    else:
-        pairs = pair_table[packed.to(torch.int32)] * absmax[:, None, None]  # (nb, bs/2, 2) fp32
-        out.copy_(pairs.view(out.shape).to(out.dtype))
+def _absmax_of(stored, nested_absmax=None, nested_code=None, offset=None, nested_blocksize:int=256):
+    "fp32 absmax `(nb,)` from the stored ones: as they are, or rebuilt from 8-bit codes `code2[c] · absmax2 + offset`."
+    if nested_absmax is None: return stored
+    block = torch.arange(stored.shape[0], device=stored.device) // nested_blocksize  # (nb,) the nested block of each
+    return nested_code[stored.long()] * nested_absmax[block] + offset  # two fp32 roundings, as bitsandbytes does
+
+def _half_bits(x:torch.Tensor, dtype:torch.dtype) -> torch.Tensor:
+    "Bit patterns of fp32 `x` rounded to `dtype` (bf16 or fp16), in the low half of int32."
+    if dtype == torch.bfloat16: return bf16_bits(x)
+    return x.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+
+WORD_DTYPE = {torch.float32: torch.int64, torch.bfloat16: torch.int32, torch.float16: torch.int32}  # two values of each
+
+def _dequantize_full_blocks(packed, code, dtype:torch.dtype, out, *absmax_parts):
+    "Write the values of packed full blocks `(nb, bs/2)` into `out` `(nb, bs/2)`: one word of WORD_DTYPE per byte, the pair of values."
+    absmax, pair_table = _absmax_of(*absmax_parts), byte_pair_table(code.float())  # (nb,), (256, 2)
+    byte = packed.to(torch.int32)  # (nb, bs/2)
+    high = pair_table[:, 0][byte] * absmax[:, None]  # (nb, bs/2) fp32: the values at even positions
+    low = pair_table[:, 1][byte] * absmax[:, None]  # odd positions, which come second in memory
+    if dtype == torch.float32:
+        out.copy_((high.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) | (low.view(torch.int32).to(torch.int64) << 32))
+    else: out.copy_(_half_bits(high, dtype) | (_half_bits(low, dtype) << 16))
 
 # %% ../nbs/01_quant.ipynb #dc3d1067
+def _absmax_parts(state:QuantState, nblocks:int) -> tuple:
+    "What `_absmax_of` needs to rebuild the first `nblocks` absmax of `state`."
+    if not state.nested: return (state.absmax[:nblocks],)
+    return state.absmax[:nblocks], state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize
+
 def block_absmax(state:QuantState) -> torch.Tensor:
     "The fp32 absmax of every block, undoing double quantization if there is one."
-    if not state.nested: return state.absmax
-    return dequantize_blockwise_8bit(state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize) + state.offset
+    return _absmax_of(*_absmax_parts(state, state.absmax.numel()))
 
 def _check_out(out:torch.Tensor, numel:int, dtype:torch.dtype, device:torch.device) -> torch.Tensor:
     "`out` flattened, after checking that it can hold the result."
@@ -367,14 +384,14 @@ def dequantize_4bit(packed:torch.Tensor,  # packed codes from quantize_4bit
     numel, blocksize = math.prod(quant_state.shape), quant_state.blocksize
     if out is None: out = empty_output(numel, dtype, packed.device)
     else: out = _check_out(out, numel, dtype, packed.device)
-    absmax, flat, table = block_absmax(quant_state), packed.reshape(-1), byte_pair_table(quant_state.code.float())
-    full = numel - numel % blocksize
-    if full:
+    flat, full = packed.reshape(-1), numel - numel % blocksize
+    if full:  # one compiled call: absmax, lookup table and values
         fn, _ = _maybe_compiled(_dequantize_full_blocks, packed.device, full, fast)
-        target = out[:full].view(torch.int32).view(-1, blocksize // 2) if dtype == torch.bfloat16 else out[:full].view(-1, blocksize)
-        fn(flat[: full // 2].view(-1, blocksize // 2), absmax[: full // blocksize], table, target)
+        words = out[:full].view(WORD_DTYPE[dtype]).view(-1, blocksize // 2)  # (nb, bs/2): one word per packed byte
+        fn(flat[: full // 2].view(-1, blocksize // 2), quant_state.code, dtype, words, *_absmax_parts(quant_state, full // blocksize))
     if full < numel:
-        out[full:] = (table[flat[full // 2:].long()].reshape(-1)[: numel - full] * absmax[-1]).to(dtype)
+        table = byte_pair_table(quant_state.code.float())
+        out[full:] = (table[flat[full // 2:].long()].reshape(-1)[: numel - full] * block_absmax(quant_state)[-1]).to(dtype)
     return out.view(quant_state.shape)
 
 # %% ../nbs/01_quant.ipynb #ac533ac6

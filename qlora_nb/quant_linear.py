@@ -16,7 +16,7 @@ from .quant import (BLOCKSIZES, QuantState, _check_state, block_absmax, dequanti
 
 # %% auto #0
 __all__ = ['DECODE_MAX_ROWS', 'LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'gemv_4bit', 'NF4Linear',
-           'quantize_model', 'memory_report']
+           'own_tensors', 'quantize_model', 'memory_report']
 
 # %% ../nbs/01a_quant_linear.ipynb #abb92669
 _scratch_buffers:dict = {}  # (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
@@ -172,6 +172,15 @@ class NF4Linear(nn.Module):
                 f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}")
 
 # %% ../nbs/01a_quant_linear.ipynb #e3c3b9be
+def own_tensors(model:nn.Module) -> nn.Module:
+    "Copy every parameter and buffer of `model` into new memory (ties kept), releasing any file mapping they lived in."
+    copied = {}
+    for module in model.modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None: continue
+            if id(tensor) not in copied: copied[id(tensor)] = tensor.data = tensor.data.clone()  # same object: tied stays tied
+    return model
+
 def _skipped(name:str, skip) -> bool:
     "Whether module `name` matches an entry of `skip` (a full name or a dotted component)."
     parts = name.split(".")
@@ -184,7 +193,7 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
                    skip=("lm_head",),  # module names (or name components) to leave in full precision
                    compute_dtype:torch.dtype|None=None,  # dtype of the 4-bit matmuls; None: each weight's dtype
                    ) -> nn.Module:
-    "Replace the `nn.Linear` layers of `model` in place with `NF4Linear`; returns `model`."
+    "Replace the `nn.Linear` layers of `model` in place with `NF4Linear`, and let go of the checkpoint file; returns `model`."
     check_in(quant_type, ("nf4", "fp4"), "quant_type"); check_in(blocksize, BLOCKSIZES, "blocksize")
     if isinstance(skip, str): skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
@@ -194,7 +203,7 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
         linear.weight = None  # free the full-precision copy now, not at the end
-    return model
+    return own_tensors(model)
 
 # %% ../nbs/01a_quant_linear.ipynb #726d35c0
 def memory_report(model:nn.Module) -> dict:

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .core import atomic_dir, check_in, check_range, compute_dtype, default_device
+from .memory import causal_lm_loss
 from .callback.core import (Callback, CancelFitException, run_event, sort_callbacks, with_events)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'OPTIMIZERS', 'CHECKPOINT_PATTERN', 'lr_factor', 'LRSchedule', 'make_optimizer', 'epoch_order',
-           'rng_state', 'set_rng_state', 'Trainer', 'train_step', 'fit', 'evaluate', 'EvalEvery', 'tiny_llama',
-           'random_token_rows', 'stack_rows', 'RunLog', 'read_run_log', 'save_checkpoint', 'fingerprint_diff',
-           'load_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'Checkpointer']
+           'rng_state', 'set_rng_state', 'Trainer', 'training_loss', 'train_step', 'fit', 'evaluate', 'EvalEvery',
+           'tiny_llama', 'random_token_rows', 'stack_rows', 'RunLog', 'read_run_log', 'save_checkpoint',
+           'fingerprint_diff', 'load_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'Checkpointer']
 
 # %% ../nbs/05_trainer.ipynb #87449a88
 SCHEDULES = ("constant", "linear", "cosine")
@@ -113,6 +114,7 @@ class Trainer:
                  seed:int=0, shuffle:bool=True,
                  device:str|torch.device|None=None, dtype:str|torch.dtype|None=None,  # autocast dtype; default `compute_dtype`
                  gradient_checkpointing:bool=False,
+                 loss_chunk_size:int|None=256,  # score the vocabulary this many tokens at a time (`causal_lm_loss`); None: the model's own loss
                  run_dir:str|Path|None=None,  # where the run log and checkpoints go
                  fingerprint:dict|None=None,  # what must match to resume from a checkpoint (model, data, settings)
                  save_adapter:Callable|None=None):  # (model, folder) -> writes the adapter in PEFT format
@@ -143,6 +145,9 @@ class Trainer:
                 raise ValueError(f"gradient_checkpointing=True needs a transformers model; got {type(model).__name__}")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if getattr(model, "config", None) is not None: model.config.use_cache = False
+        if loss_chunk_size is not None: check_range(loss_chunk_size, "loss_chunk_size", low=1)
+        chunkable = all(hasattr(model, name) for name in ("get_decoder", "get_output_embeddings"))
+        self.loss_chunk_size = loss_chunk_size if chunkable else None  # other models compute their own loss
         self.callbacks = sort_callbacks(callbacks)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.eval_loss = self.eval_ppl = self.best_eval_loss = self.eval_step = None
@@ -170,13 +175,19 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 # %% ../nbs/05_trainer.ipynb #b7303005
+def training_loss(self:Trainer) -> torch.Tensor:
+    "The current batch's mean next-token loss, chunked over the vocabulary when `loss_chunk_size` is set."
+    batch = self.batch
+    if self.loss_chunk_size:
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), self.loss_chunk_size)
+    return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
+
 def _forward_backward(self:Trainer):
-    with self.autocast():
-        self.loss = self.model(input_ids=self.batch["input_ids"], attention_mask=self.batch.get("attention_mask"),
-                               labels=self.batch["labels"]).loss
+    with self.autocast(): self.loss = self.training_loss()
     run_event(self.callbacks, "after_loss", self)
     (self.loss / self.grad_accum).backward()
-    self.micro_losses.append(self.loss.detach())
+    self.loss = self.loss.detach()  # frees the graph now rather than at the next forward
+    self.micro_losses.append(self.loss)
     run_event(self.callbacks, "after_backward", self)
 
 def _update(self:Trainer):
@@ -199,7 +210,7 @@ def train_step(self:Trainer, micro_batches:list[list[int]]):
         with_events(self.callbacks, "batch", self, self._forward_backward)
     with_events(self.callbacks, "step", self, self._update, wrap_up=self._wrap_up_step)
 
-Trainer._forward_backward, Trainer._update, Trainer._wrap_up_step, Trainer.train_step = _forward_backward, _update, _wrap_up_step, train_step
+Trainer.training_loss, Trainer._forward_backward, Trainer._update, Trainer._wrap_up_step, Trainer.train_step = training_loss, _forward_backward, _update, _wrap_up_step, train_step
 
 # %% ../nbs/05_trainer.ipynb #b2d5cd72
 def _run_epoch(self:Trainer):
