@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir', 'atomic_dir', 'default_device', 'cpu_has_fast_bf16',
-           'compute_dtype', 'human_bytes']
+           'compute_dtype', 'human_bytes', 'trim_heap']
 
 # %% ../nbs/00_core.ipynb #4734fff1
 def set_seed(seed:int=0,  # the seed for python, numpy and torch (all devices)
@@ -135,3 +135,10 @@ def human_bytes(n:int|float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB": return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+# %% ../nbs/00_core.ipynb #808ae29a
+def trim_heap() -> bool:
+    "Return the C heap's free memory to the OS (glibc `malloc_trim`); False where that is not available."
+    import ctypes
+    try: return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError): return False

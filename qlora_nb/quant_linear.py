@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .core import check_in, human_bytes
+from .core import check_in, human_bytes, trim_heap
 from .quant import (BLOCKSIZES, QuantState, _check_state, block_absmax, dequantize_4bit, load_quant_state_dict,
                             quant_state_dict, quantize_4bit, quantized_nbytes)
 
@@ -203,7 +203,9 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
         linear.weight = None  # free the full-precision copy now, not at the end
-    return own_tensors(model)
+    own_tensors(model)
+    trim_heap()  # and give the freed full-precision weights back to the OS
+    return model
 
 # %% ../nbs/01a_quant_linear.ipynb #726d35c0
 def memory_report(model:nn.Module) -> dict:
