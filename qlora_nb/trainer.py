@@ -114,7 +114,7 @@ class Trainer:
                  seed:int=0, shuffle:bool=True,
                  device:str|torch.device|None=None, dtype:str|torch.dtype|None=None,  # autocast dtype; default `compute_dtype`
                  gradient_checkpointing:bool=False,
-                 loss_chunk_size:int|None=256,  # score the vocabulary this many tokens at a time (`causal_lm_loss`); None: the model's own loss
+                 loss_chunk_size:int|None=256,  # tokens per chunk of the vocabulary loss; None: the model's own loss
                  run_dir:str|Path|None=None,  # where the run log and checkpoints go
                  fingerprint:dict|None=None,  # what must match to resume from a checkpoint (model, data, settings)
                  save_adapter:Callable|None=None):  # (model, folder) -> writes the adapter in PEFT format

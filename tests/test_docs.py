@@ -69,7 +69,7 @@ def test_api_reference_like_show_doc(site):
             if not (inspect.isfunction(obj) or inspect.isclass(obj)) or getattr(obj, "__module__", None) != module.__name__: continue
             found = re.search(rf'<h3 (?=[^>]*class="doc-name")(?=[^>]*id="{re.escape(doc_anchor(symbol))}")', page)
             assert found, f"{name}: no doc block for {symbol}"
-            block = page[found.start():][:6000]
+            block = page[found.start():][:12000]
             doc = (inspect.getdoc(obj) or "").split("\n")[0]
             assert "signature" in block and f"{symbol}" in block, symbol
             if doc: assert re.sub(r"`([^`]+)`", r"<code>\1</code>", doc.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")).split("<code>")[0][:40] in block, symbol
