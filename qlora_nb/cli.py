@@ -52,6 +52,7 @@ CONFIG = {  # key: (default, kind, allowed: a tuple of choices or a (low, high) 
     "dtype": ("auto", "choice", ("auto", "fp32", "bf16"), "compute dtype ('auto': bf16 only where fast)"),
     "device": ("auto", "choice", ("auto", "cpu", "cuda", "mps"), "where to train"),
     "gradient_checkpointing": (False, "bool", _ANY, "recompute activations in backward to save memory"),
+    "loss_chunk_size": (256, "int_or_none", (1, 10**7), "tokens per chunk of the vocabulary loss (null: the model's own loss)"),
     "eval_steps": (50, "int_or_none", (1, 10**7), "eval loss every this many steps (null: only at the end)"),
     "eval_rows": (120, "int", (1, 10**7), "validation rows for the eval loss"),
     "save_steps": (50, "int_or_none", (1, 10**7), "checkpoint every this many steps (null: only at the end)"),
@@ -272,6 +273,7 @@ def build_trainer(config:dict, model, tokenizer, device:torch.device, dtype:torc
                    lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"], schedule=config["schedule"],
                    warmup_steps=config["warmup_steps"], min_lr_ratio=config["min_lr_ratio"], max_norm=config["max_norm"],
                    seed=config["seed"], device=device, dtype=dtype, gradient_checkpointing=config["gradient_checkpointing"],
+                   loss_chunk_size=config["loss_chunk_size"],
                    run_dir=out, fingerprint=fingerprint(config), save_adapter=save_adapter)
 
 def train(config:dict,  # from `resolve_config`
