@@ -175,8 +175,8 @@ def dequantize_blockwise_8bit(codes:torch.Tensor,  # uint8 codes from quantize_b
                               blocksize:int=256,  # values per absmax
                               ) -> torch.Tensor:
     "fp32 values `code[codes] * absmax` of an 8-bit blockwise-quantized tensor, in `codes`' shape."
-    values = code.to(codes.device)[codes.reshape(-1).long()]
-    return (values * absmax.repeat_interleave(blocksize)[: values.numel()]).view(codes.shape)
+    block = torch.arange(codes.numel(), device=codes.device) // blocksize  # the block of each value
+    return (code.to(codes.device)[codes.reshape(-1).long()] * absmax[block]).view(codes.shape)
 
 # %% ../nbs/01_quant.ipynb #c87d56db
 def _dtype_name(dtype:torch.dtype) -> str: return str(dtype).removeprefix("torch.")
@@ -334,8 +334,7 @@ def bf16_bits(x:torch.Tensor) -> torch.Tensor:
 def _absmax_of(stored, nested_absmax=None, nested_code=None, offset=None, nested_blocksize:int=256):
     "fp32 absmax `(nb,)` from the stored ones: as they are, or rebuilt from 8-bit codes `code2[c] · absmax2 + offset`."
     if nested_absmax is None: return stored
-    block = torch.arange(stored.shape[0], device=stored.device) // nested_blocksize  # (nb,) the nested block of each
-    return nested_code[stored.long()] * nested_absmax[block] + offset  # two fp32 roundings, as bitsandbytes does
+    return dequantize_blockwise_8bit(stored, nested_absmax, nested_code, nested_blocksize) + offset  # two fp32 roundings, as in bitsandbytes
 
 def _half_bits(x:torch.Tensor, dtype:torch.dtype) -> torch.Tensor:
     "Bit patterns of fp32 `x` rounded to `dtype` (bf16 or fp16), in the low half of int32."
