@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_quant_linear.ipynb #3561334b
 from __future__ import annotations
-import math
+import math, threading
 
 import torch
 from torch import nn
@@ -19,13 +19,14 @@ __all__ = ['DECODE_MAX_ROWS', 'LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'Dequ
            'own_tensors', 'quantize_model', 'memory_report']
 
 # %% ../nbs/01a_quant_linear.ipynb #abb92669
-_scratch_buffers:dict = {}  # (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
+_scratch = threading.local()  # per thread: (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
 
 def scratch_buffer(numel:int, dtype:torch.dtype, device:torch.device) -> torch.Tensor:
-    "The shared buffer for a dequantized weight of `numel` values: its contents last until the next matmul of that size."
+    "This thread's buffer for a dequantized weight of `numel` values: its contents last until its next matmul of that size."
+    buffers = _scratch.__dict__.setdefault("buffers", {})  # one set per thread: a dashboard trains in its own
     key = (torch.device(device), dtype, numel)
-    if key not in _scratch_buffers: _scratch_buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return _scratch_buffers[key]
+    if key not in buffers: buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key]
 
 class DequantizeMatmul(torch.autograd.Function):
     "`x @ W.T` for a 4-bit layer: W is dequantized in forward and again in backward, never saved."
