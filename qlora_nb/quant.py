@@ -365,9 +365,10 @@ def block_absmax(state:QuantState) -> torch.Tensor:
 
 def _check_out(out:torch.Tensor, numel:int, dtype:torch.dtype, device:torch.device) -> torch.Tensor:
     "`out` flattened, after checking that it can hold the result."
-    if not isinstance(out, torch.Tensor) or out.numel() != numel or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of {numel} values on {device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else f"out must be a tensor, got {type(out).__name__}")
+    if not isinstance(out, torch.Tensor): raise ValueError(f"out must be a tensor, got {type(out).__name__}")
+    if out.numel() != numel or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {numel} values on {device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     return out.view(-1)
 
 def dequantize_4bit(packed:torch.Tensor,  # packed codes from quantize_4bit
