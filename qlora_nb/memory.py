@@ -86,9 +86,10 @@ def causal_lm_loss(model:nn.Module,  # a Hugging Face causal LM (or a PEFT model
                    input_ids:torch.Tensor,  # (B, T)
                    labels:torch.Tensor,  # (B, T), -100 where ignored; shifted inside
                    attention_mask:torch.Tensor|None=None,  # (B, T)
-                   chunk_size:int=256,  # tokens per chunk of the loss
+                   chunk_size:int|None=256,  # tokens per chunk of the loss; None: the model's own loss on full logits
                   ) -> torch.Tensor:
-    "The mean next-token loss of `model` on a batch, computed in chunks (no full logits)."
+    "The mean next-token loss of `model` on a batch, computed in chunks (no full logits) unless `chunk_size` is None."
+    if chunk_size is None: return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, name, None) not in (None, 1, 1.0):
@@ -117,7 +118,7 @@ def saved_activation_bytes(model:nn.Module,  # the model, set up for training
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = causal_lm_loss(model, ids, ids, chunk_size=chunk_size) if chunk_size else model(input_ids=ids, labels=ids).loss
+            loss = causal_lm_loss(model, ids, ids, chunk_size=chunk_size)
     del loss
     model.train(was_training)
     return sum(saved.values())
@@ -294,7 +295,7 @@ def measure_step(model:str="tiny",  # 'tiny', 'smollm2-135m' or a local folder
     for _ in range(steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = causal_lm_loss(net, ids, ids, chunk_size=chunk_size) if chunk_size else net(input_ids=ids, labels=ids).loss
+            loss = causal_lm_loss(net, ids, ids, chunk_size=chunk_size)
         loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item()); del loss  # the graph goes now, not when the next forward replaces it
         step_seconds.append(time.perf_counter() - start); cpu_seconds.append(time.process_time() - cpu_start)

@@ -178,9 +178,7 @@ class Trainer:
 def training_loss(self:Trainer) -> torch.Tensor:
     "The current batch's mean next-token loss, chunked over the vocabulary when `loss_chunk_size` is set."
     batch = self.batch
-    if self.loss_chunk_size:
-        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), self.loss_chunk_size)
-    return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
+    return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), self.loss_chunk_size)
 
 def _forward_backward(self:Trainer):
     with self.autocast(): self.loss = self.training_loss()
