@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from .core import atomic_dir, check_in, set_seed
 from .lora import _set_module, is_quantized, load_adapter, merge_lora
 from .models import load_base, resolve_model_path
-from .quant_linear import quantize_model
+from .quant_linear import exact_matmuls, quantize_model
 
 # %% auto #0
 __all__ = ['EXPORT_KINDS', 'VERIFY_TEXTS', 'EXPORT_RTOL', 'run_adapter', 'run_settings', 'load_run_model', 'dequantize_model',
@@ -97,9 +97,9 @@ VERIFY_TEXTS = ("Convert 3 km to meters. Answer with the number only.", "A week 
 
 @torch.no_grad()
 def logits_of(model:nn.Module, tokenizer, texts=VERIFY_TEXTS) -> torch.Tensor:
-    "fp32 logits of `model` on `texts`, (positions kept by the mask, vocab), on the CPU."
+    "fp32 logits of `model` on `texts`, (positions kept by the mask, vocab), on the CPU; 4-bit layers multiply exactly."
     batch = tokenizer(list(texts), return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    logits = model(**batch).logits.float()  # (B, T, V)
+    with exact_matmuls(): logits = model(**batch).logits.float()  # (B, T, V)
     return logits[batch["attention_mask"].bool()].cpu()  # (N, V)
 
 def compare_logits(ours:torch.Tensor, theirs:torch.Tensor) -> dict:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_quant_linear.ipynb #3561334b
 from __future__ import annotations
-import math, threading
+import contextlib, ctypes, functools, logging, math, threading
 
 import torch
 from torch import nn
@@ -15,8 +15,8 @@ from .quant import (BLOCKSIZES, QuantState, _check_state, block_absmax, dequanti
                             quant_state_dict, quantize_4bit, quantized_nbytes)
 
 # %% auto #0
-__all__ = ['DECODE_MAX_ROWS', 'LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'gemv_4bit', 'NF4Linear',
-           'own_tensors', 'quantize_model', 'memory_report']
+__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'bnb_cpu_kernels', 'cpu_kernel_layout',
+           'cpu_kernel_matmul', 'exact_matmuls', 'NF4Linear', 'own_tensors', 'quantize_model', 'memory_report']
 
 # %% ../nbs/01a_quant_linear.ipynb #abb92669
 _scratch = threading.local()  # per thread: (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
@@ -41,40 +41,52 @@ class DequantizeMatmul(torch.autograd.Function):
         return grad_x, None
 
 # %% ../nbs/01a_quant_linear.ipynb #a414920f
-DECODE_MAX_ROWS = 0  # inputs with at most this many rows (tokens) take the fused kernel on the CPU; 0: off
+@functools.cache
+def bnb_cpu_kernels() -> dict:
+    "bitsandbytes' fused 4-bit × bf16 matmuls by quant type, where this CPU (AVX512-BF16) and install have them; else {}."
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # its import suggests `pip install kernels`: a hub download
+    try:
+        import bitsandbytes.functional as bnbF
+        if not bnbF.has_avx512bf16(): return {}
+        return {quant_type: getattr(bnbF.lib, f"gemv_4bit_inference_cpu_{quant_type}_bf16") for quant_type in ("nf4", "fp4")}
+    except (ImportError, AttributeError, RuntimeError): return {}
+
+def cpu_kernel_layout(packed:torch.Tensor,  # packed codes of an (out_features, in_features) weight, our (bitsandbytes') layout
+                      out_features:int, in_features:int,  # out_features a multiple of 32
+                      ) -> torch.Tensor:  # (out_features, in_features/2) uint8
+    "The same codes arranged for `bnb_cpu_kernels`: tiles of 32 rows, each column pair as 32 low then 32 high nibbles."
+    byte = packed.view(out_features, in_features // 2)
+    codes = torch.stack([byte >> 4, byte & 15], -1)  # (out, in/2, 2): the weight's codes in order
+    tiles = codes.view(out_features // 32, 32, in_features // 2, 2).transpose(1, 2)  # (out/32, in/2, 32 rows, 2 columns)
+    halves = tiles.reshape(out_features // 32, in_features // 2, 2, 32)  # rows 0-15, then rows 16-31
+    return (halves[:, :, 1] << 4 | halves[:, :, 0]).view(out_features, in_features // 2)
+
+def cpu_kernel_matmul(x:torch.Tensor,  # (..., in_features), any float dtype
+                      weight:torch.Tensor,  # (out_features, in_features/2) uint8 in `cpu_kernel_layout`
+                      absmax:torch.Tensor,  # (in_features/blocksize, out_features) bf16
+                      quant_type:str, blocksize:int,
+                      ) -> torch.Tensor:  # (..., out_features) bf16
+    "`x @ W.T` by bitsandbytes' fused CPU kernel, in bf16."
+    out_features, in_features = weight.shape[0], 2 * weight.shape[1]
+    rows = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # (M, in)
+    out = torch.empty(len(rows), out_features, dtype=torch.bfloat16)  # (M, out)
+    int64, pointer = ctypes.c_int64, lambda t: ctypes.c_void_p(t.data_ptr())
+    bnb_cpu_kernels()[quant_type](int64(len(rows)), int64(out_features), int64(in_features), pointer(rows), pointer(weight),
+                                  pointer(absmax), pointer(out), int64(blocksize), int64(in_features), int64(out_features))
+    return out.view(*x.shape[:-1], out_features)
+
+@contextlib.contextmanager
+def exact_matmuls():
+    "Within this block `NF4Linear` never takes the bf16 CPU kernel: inference multiplies exactly as training does."
+    before, NF4Linear.cpu_kernel = NF4Linear.cpu_kernel, False
+    try: yield
+    finally: NF4Linear.cpu_kernel = before
+
+# %% ../nbs/01a_quant_linear.ipynb #503dd459
 LAYER_COMPILE_MIN_NUMEL = 1 << 16  # layers this big run their kernels through torch.compile on the CPU
 
 def _fast(tensor:torch.Tensor, numel:int) -> bool: return tensor.device.type == "cpu" and numel >= LAYER_COMPILE_MIN_NUMEL
 
-def _gemv_4bit(x, packed, absmax, code):
-    "`x @ W.T` for x `(rows, in)`, W given by packed bytes `(out, in/2)`, fp32 absmax `(out, in/blocksize)`, code `(16,)`."
-    out_features, nblocks = absmax.shape
-    rows = x.shape[0]
-    x_even = x[:, 0::2].reshape(rows, 1, nblocks, -1, 16)  # (rows, 1, nb, bs/32, 16)
-    x_odd = x[:, 1::2].reshape(rows, 1, nblocks, -1, 16)
-    byte = packed.to(torch.int32).view(out_features, nblocks, -1, 16)  # (out, nb, bs/32, 16)
-    products = code[byte >> 4][None] * x_even + code[byte & 15][None] * x_odd  # (rows, out, nb, bs/32, 16)
-    block_sums = products.sum(-2).sum(-1)  # (rows, out, nb)
-    return (block_sums * absmax[None]).sum(-1)  # (rows, out)
-
-_compiled_gemv = None
-
-def gemv_4bit(x:torch.Tensor,  # (rows, in_features) fp32
-              packed:torch.Tensor,  # packed codes of the (out_features, in_features) weight
-              state:QuantState,  # their state: in_features a multiple of the blocksize
-              fast:bool|None=None,  # torch.compile it (None: on the CPU for weights >= LAYER_COMPILE_MIN_NUMEL)
-              ) -> torch.Tensor:
-    "`x @ dequantize_4bit(packed, state).T` without building the weight."
-    global _compiled_gemv
-    out_features, in_features = state.shape
-    absmax = block_absmax(state).view(out_features, in_features // state.blocksize)
-    fn = _gemv_4bit
-    if fast if fast is not None else _fast(x, out_features * in_features):
-        if _compiled_gemv is None: _compiled_gemv = torch.compile(_gemv_4bit, dynamic=True, options={"assert_indirect_indexing": False})
-        fn = _compiled_gemv
-    return fn(x.float(), packed.view(out_features, in_features // 2), absmax, state.code.float())
-
-# %% ../nbs/01a_quant_linear.ipynb #503dd459
 def _bnb_dequantize(packed:torch.Tensor, state:QuantState, dtype:torch.dtype):
     "Dequantize with bitsandbytes' kernel (CUDA); the values are bit-identical to `dequantize_4bit`."
     import bitsandbytes.functional as bnbF
@@ -106,7 +118,9 @@ class NF4Linear(nn.Module):
         self.quant_state = quant_state
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype or quant_state.dtype
+        self._kernel_weights = None  # built by `kernel_weights` on first inference through `cpu_kernel_matmul`
 
+    cpu_kernel = True  # inference on the CPU through bitsandbytes' fused bf16 kernel where it exists; False: exact fp32
     quant_type = property(lambda self: self.quant_state.quant_type)
     blocksize = property(lambda self: self.quant_state.blocksize)
     double_quant = property(lambda self: self.quant_state.nested)
@@ -131,21 +145,28 @@ class NF4Linear(nn.Module):
         out = scratch_buffer(numel, self.compute_dtype, self.weight.device) if scratch else None
         return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype, fast=_fast(self.weight, numel), out=out)
 
-    def _decodes(self, x) -> bool:
-        "Whether `x` takes the fused decode kernel: a few rows, CPU, fp32, no input gradient, aligned blocks."
-        return (x.device.type == "cpu" and self.compute_dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
-                and x.numel() <= DECODE_MAX_ROWS * self.in_features and self.in_features % self.blocksize == 0
-                and self.blocksize % 32 == 0)
+    def _uses_cpu_kernel(self, x) -> bool:
+        "Autograd off, on a CPU where bitsandbytes has the fused kernel, and a weight shape the kernel takes."
+        return (self.cpu_kernel and not torch.is_grad_enabled() and x.device.type == "cpu" and self.quant_type in bnb_cpu_kernels()
+                and self.out_features % 32 == 0 and self.in_features % self.blocksize == 0)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "The codes in `cpu_kernel_layout` and the absmax in bf16 `(in/blocksize, out)`: built on first use, then kept."
+        if self._kernel_weights is None:
+            absmax = block_absmax(self.quant_state).view(self.out_features, -1).T.to(torch.bfloat16).contiguous()
+            self._kernel_weights = cpu_kernel_layout(self.weight, self.out_features, self.in_features), absmax
+        return self._kernel_weights
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
-        if self._decodes(x):
-            out = gemv_4bit(x.reshape(-1, self.in_features), self.weight, self.quant_state).view(*x.shape[:-1], self.out_features)
+        if self._uses_cpu_kernel(x):
+            out = cpu_kernel_matmul(x, *self.kernel_weights(), self.quant_type, self.blocksize).to(self.compute_dtype)
         else: out = DequantizeMatmul.apply(x.to(self.compute_dtype), self)  # (..., out_features)
         if self.bias is not None: out = out + self.bias.to(self.compute_dtype)
         return out.to(x.dtype)
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) moves the quant state with the buffers
         super()._apply(fn, *args, **kwargs)
+        self._kernel_weights = None
         if self.quant_state.absmax.device != self.weight.device: self.quant_state = self.quant_state.to(self.weight.device)
         return self
 
@@ -161,7 +182,7 @@ class NF4Linear(nn.Module):
         except ValueError as e: error_msgs.append(f"{prefix}weight: {e}"); return
         if tuple(state.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"{prefix}weight: stored shape {tuple(state.shape)} != layer shape {(self.out_features, self.in_features)}"); return
-        self.weight, self.quant_state = packed, state
+        self.weight, self.quant_state, self._kernel_weights = packed, state, None
         if self.bias is not None and "bias" in own:
             with torch.no_grad(): self.bias.copy_(own["bias"])
         elif self.bias is not None: missing_keys.append(prefix + "bias")
@@ -211,9 +232,10 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
 # %% ../nbs/01a_quant_linear.ipynb #726d35c0
 def memory_report(model:nn.Module) -> dict:
     "Stored bytes of `model` (4-bit layers at their real size) against its fp16 and fp32 footprints."
-    seen, quantized_params, quantized_bytes, payload_bytes, other_params, other_bytes = set(), 0, 0, 0, 0, 0
+    seen, quantized_params, quantized_bytes, payload_bytes, other_params, other_bytes, kernel_bytes = set(), 0, 0, 0, 0, 0, 0
     for module in model.modules():
         if isinstance(module, NF4Linear):
+            kernel_bytes += sum(t.numel() * t.element_size() for t in module._kernel_weights or ())
             quantized_params += module.in_features * module.out_features
             quantized_bytes += quantized_nbytes(module.weight, module.quant_state, include_constants=True)
             payload_bytes += quantized_nbytes(module.weight, module.quant_state)
@@ -227,5 +249,6 @@ def memory_report(model:nn.Module) -> dict:
     return {"params": params, "quantized_params": quantized_params, "stored_bytes": stored,
             "quantized_bytes": quantized_bytes, "fp16_bytes": 2 * params, "fp32_bytes": 4 * params,
             "bits_per_quantized_param": 8 * payload_bytes / quantized_params if quantized_params else None,
-            "vs_fp16": stored / (2 * params), "vs_fp32": stored / (4 * params),
-            "summary": f"{human_bytes(stored)} stored vs {human_bytes(2 * params)} fp16, {human_bytes(4 * params)} fp32"}
+            "vs_fp16": stored / (2 * params), "vs_fp32": stored / (4 * params), "cpu_kernel_copy_bytes": kernel_bytes,
+            "summary": f"{human_bytes(stored)} stored vs {human_bytes(2 * params)} fp16, {human_bytes(4 * params)} fp32"
+                       + (f" (+{human_bytes(kernel_bytes)} copy for the CPU kernel)" if kernel_bytes else "")}

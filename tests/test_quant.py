@@ -15,7 +15,7 @@ import bitsandbytes.functional as bnbF
 
 from qlora_nb.quant import (BLOCKSIZES, QuantState, block_absmax, dequantize_4bit, load_quant_state_dict,
                             quant_state_dict, quantize_4bit, code_midpoints)
-from qlora_nb.quant_linear import NF4Linear, quantize_model
+from qlora_nb.quant_linear import NF4Linear, bnb_cpu_kernels, exact_matmuls, quantize_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -177,7 +177,9 @@ def test_ours_to_bnb_linear4bit(quant_type, double_quant, tmp_path):
     layer.weight, layer.bias = weight, nn.Parameter(loaded["bias"], requires_grad=False)
     layer.eval()
     x = torch.randn(4, 256)
-    with torch.no_grad(): torch.testing.assert_close(layer(x), ours(x), rtol=2e-2, atol=2e-2)  # bnb's CPU matmul runs in bf16
+    with torch.no_grad():
+        with exact_matmuls(): torch.testing.assert_close(layer(x), ours(x), rtol=2e-2, atol=2e-2)  # bnb's CPU matmul runs in bf16
+        if bnb_cpu_kernels(): assert torch.equal(layer(x), ours(x))  # the same kernel on both sides
 
 
 def test_bnb_linear4bit_to_ours(tmp_path):
@@ -210,6 +212,35 @@ def test_quantize_model_matches_bnb_layers():
     assert isinstance(model.lm_head, nn.Linear)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.skipif(not bnb_cpu_kernels(), reason="bitsandbytes has no AVX512-BF16 kernel on this CPU")
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)])
+def test_inference_equals_bnb_model(quant_type, double_quant, blocksize):
+    "With autograd off, a model quantized by us gives the logits of the same model in bnb.nn.Linear4bit, bit for bit."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    ours = LlamaForCausalLM(config).eval()
+    theirs = LlamaForCausalLM(config).eval()
+    theirs.load_state_dict(ours.state_dict())
+    for name, linear in [(n, m) for n, m in theirs.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.float32,
+                                  compress_statistics=double_quant, quant_type=quant_type)
+        layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type,
+                                         compress_statistics=double_quant, blocksize=blocksize, module=layer)
+        parent, _, child = name.rpartition(".")
+        setattr(theirs.get_submodule(parent), child, layer.to("cpu").eval())
+    quantize_model(ours, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        with exact_matmuls(): exact = ours(ids).logits
+    assert not torch.equal(exact, theirs(ids).logits.detach())  # the exact path really is another computation
+    prompt = ids[:1, :4]
+    torch.testing.assert_close(ours.generate(prompt, max_new_tokens=8, do_sample=False),
+                               theirs.generate(prompt, max_new_tokens=8, do_sample=False), rtol=0, atol=0)
 
 
 # ---- hypothesis: random shapes and values ----
