@@ -14,13 +14,32 @@ from torch import nn
 
 from .core import check_in, check_range, human_bytes, set_seed
 from .lora import is_quantized
+from .quant import _maybe_compiled
 
 # %% auto #0
-__all__ = ['CPU_ALLOCATOR_SLACK', 'chunked_lm_loss', 'causal_lm_loss', 'saved_activation_bytes', 'runtime_bytes',
-           'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory', 'release_freed_memory', 'measure_step',
-           'measure_in_subprocess']
+__all__ = ['CPU_ALLOCATOR_SLACK', 'loss_and_grad_', 'chunked_lm_loss', 'causal_lm_loss', 'saved_activation_bytes',
+           'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory', 'release_freed_memory',
+           'measure_step', 'measure_in_subprocess']
 
 # %% ../nbs/02b_memory.ipynb #45c54d23
+def _loss_and_grad_(logits, target, row_scale):
+    full = logits.float()  # (C, V)
+    logsumexp = torch.logsumexp(full, dim=-1, keepdim=True)  # (C, 1)
+    picked = full.gather(1, target[:, None])  # (C, 1)
+    is_target = torch.arange(full.shape[1], device=full.device) == target[:, None]  # (C, V)
+    logits.copy_(((full - logsumexp).exp() - is_target.float()) * row_scale[:, None])  # (softmax - onehot) · scale
+    return (logsumexp - picked).squeeze(1)  # (C,)
+
+def loss_and_grad_(logits:torch.Tensor,  # (C, V) one chunk's logits, any float dtype: overwritten by their gradient
+                   target:torch.Tensor,  # (C,) token ids, all valid
+                   row_scale:torch.Tensor,  # (C,) fp32 weight of each row's loss in the total (0 for ignored tokens)
+                   fast:bool|None=None,  # torch.compile it (None: on the CPU for blocks of quant.COMPILE_MIN_NUMEL or more)
+                  ) -> torch.Tensor:  # (C,) fp32 cross-entropy of each row
+    "Each row's cross-entropy, with d(Σ row_scale · loss)/d logits written over `logits`."
+    fn, _ = _maybe_compiled(_loss_and_grad_, logits.device, logits.numel(), fast)
+    return fn(logits, target, row_scale)
+
+# %% ../nbs/02b_memory.ipynb #f18c2ba9
 class _ChunkedLMLoss(torch.autograd.Function):
     "Cross-entropy of `hidden @ weight.T + bias` against `labels`, chunk by chunk, with gradients made in forward."
     @staticmethod
@@ -36,19 +55,14 @@ class _ChunkedLMLoss(torch.autograd.Function):
             target = labels[start:start + chunk_size]  # (C,)
             valid = target != ignore_index  # (C,)
             target = target.clamp(min=0)
-            logits = F.linear(chunk, weight, bias).float()  # (C, V)
-            logsumexp = torch.logsumexp(logits, dim=-1)  # (C,)
-            picked = logits.gather(1, target[:, None]).squeeze(1)  # (C,)
-            total += ((logsumexp - picked) * valid).sum()
+            grad_logits = F.linear(chunk, weight, bias)  # (C, V): the logits, until the next line overwrites them
+            total += (loss_and_grad_(grad_logits, target, valid / divisor) * valid).sum()
             if not (need_hidden or need_weight or need_bias): continue
-            grad_logits = logits.sub_(logsumexp[:, None]).exp_()  # softmax, in place: (C, V)
-            grad_logits[torch.arange(len(target), device=target.device), target] -= 1
-            grad_logits *= valid[:, None] / divisor
-            if need_bias: grad_bias += grad_logits.sum(0)
+            if need_bias: grad_bias += grad_logits.float().sum(0)
             grad_logits = grad_logits.to(weight.dtype)
             if need_hidden: grad_hidden[start:start + chunk_size] = grad_logits @ weight  # (C, V) @ (V, h)
             if need_weight: grad_weight.addmm_(grad_logits.T.float(), chunk.float())  # (V, C) @ (C, h)
-            del logits, grad_logits
+            del grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / divisor

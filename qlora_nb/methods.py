@@ -16,7 +16,7 @@ from .lora import (LoRAConfig, ModuleToSave, add_lora, find_targets, is_linear, 
 
 # %% auto #0
 __all__ = ['METHODS', 'BACKENDS', 'BottleneckAdapter', 'decoder_layers', 'add_adapters', 'remove_adapters', 'add_bitfit',
-           'full_finetune', 'feature_extraction', 'prepare_model', 'load_for_training']
+           'full_finetune', 'feature_extraction', 'prepare_model', 'training_attention', 'load_for_training']
 
 # %% ../nbs/02a_methods.ipynb #3010e55f
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -141,6 +141,10 @@ def prepare_model(model:nn.Module,  # a base causal LM, full precision
 # %% ../nbs/02a_methods.ipynb #8b401b2f
 BACKENDS = ("native", "peft+bnb")
 
+def training_attention(device:torch.device, dtype:torch.dtype) -> str:
+    "transformers' attention implementation for training: 'eager' on the CPU in 16-bit (faster there), else 'sdpa'."
+    return "eager" if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else "sdpa"
+
 def _model_folder(name_or_path:str, seed:int) -> Path:
     "A local folder transformers can load: the converted SmolLM2, a user folder, or the tiny model saved once."
     from qlora_nb.models import load_base, resolve_model_path
@@ -159,15 +163,18 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
                       dtype:str|torch.dtype|None=None,  # compute dtype; `compute_dtype(device)` when None
                       device:str|torch.device|None=None,  # `default_device()` when None
                       seed:int=0,  # seeds the tiny model
+                      attn_implementation:str|None=None,  # transformers' name; None: `training_attention(device, dtype)`
                       **method_kwargs):  # quant_type, blocksize, double_quant, bottleneck_size
     "Load a base model and set it up for `method` on `backend`; return `(model, tokenizer)`."
     check_in(backend, BACKENDS, "backend"); check_in(method, METHODS, "method")
     lora_config = lora_config or LoRAConfig()
     device = torch.device(device) if device is not None else default_device()
     dtype = compute_dtype(device, dtype)
+    attn_implementation = attn_implementation or training_attention(device, dtype)
     if backend == "native":
         from qlora_nb.models import load_base
         model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, seed=seed)
+        model.set_attn_implementation(attn_implementation)
         return prepare_model(model, method, quantize=quantize, lora_config=lora_config, **method_kwargs), tokenizer
     if method != "lora": raise ValueError(f"backend='peft+bnb' runs method='lora' only, not {method!r}; use backend='native'")
     import peft
@@ -178,7 +185,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method_kwargs.get("quant_type", "nf4"),
                                    bnb_4bit_use_double_quant=method_kwargs.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant, use_safetensors=True,
-                                                 device_map={"": device} if quantize else None)
+                                                 device_map={"": device} if quantize else None, attn_implementation=attn_implementation)
     if not quantize: model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token

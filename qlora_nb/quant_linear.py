@@ -15,8 +15,9 @@ from .quant import (BLOCKSIZES, QuantState, _check_state, block_absmax, dequanti
                             quant_state_dict, quantize_4bit, quantized_nbytes)
 
 # %% auto #0
-__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'bnb_cpu_kernels', 'cpu_kernel_layout',
-           'cpu_kernel_matmul', 'exact_matmuls', 'NF4Linear', 'own_tensors', 'quantize_model', 'memory_report']
+__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'bnb_cpu_function', 'bnb_cpu_kernels',
+           'cpu_kernel_layout', 'cpu_kernel_matmul', 'bnb_cpu_dequantize', 'exact_matmuls', 'NF4Linear', 'own_tensors',
+           'quantize_model', 'memory_report']
 
 # %% ../nbs/01a_quant_linear.ipynb #abb92669
 _scratch = threading.local()  # per thread: (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
@@ -42,14 +43,21 @@ class DequantizeMatmul(torch.autograd.Function):
 
 # %% ../nbs/01a_quant_linear.ipynb #a414920f
 @functools.cache
-def bnb_cpu_kernels() -> dict:
-    "bitsandbytes' fused 4-bit × bf16 matmuls by quant type, where this CPU (AVX512-BF16) and install have them; else {}."
+def bnb_cpu_function(name:str):
+    "bitsandbytes' C function `name` (through ctypes), or None where bitsandbytes or that function is missing."
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # its import suggests `pip install kernels`: a hub download
     try:
         import bitsandbytes.functional as bnbF
-        if not bnbF.has_avx512bf16(): return {}
-        return {quant_type: getattr(bnbF.lib, f"gemv_4bit_inference_cpu_{quant_type}_bf16") for quant_type in ("nf4", "fp4")}
-    except (ImportError, AttributeError, RuntimeError): return {}
+        return getattr(bnbF.lib, name)
+    except (ImportError, AttributeError, RuntimeError): return None
+
+@functools.cache
+def bnb_cpu_kernels() -> dict:
+    "bitsandbytes' fused 4-bit × bf16 matmuls by quant type, where this CPU (AVX512-BF16) and install have them; else {}."
+    kernels = {quant_type: bnb_cpu_function(f"gemv_4bit_inference_cpu_{quant_type}_bf16") for quant_type in ("nf4", "fp4")}
+    if None in kernels.values(): return {}
+    import bitsandbytes.functional as bnbF
+    return kernels if bnbF.has_avx512bf16() else {}
 
 def cpu_kernel_layout(packed:torch.Tensor,  # packed codes of an (out_features, in_features) weight, our (bitsandbytes') layout
                       out_features:int, in_features:int,  # out_features a multiple of 32
@@ -70,10 +78,37 @@ def cpu_kernel_matmul(x:torch.Tensor,  # (..., in_features), any float dtype
     out_features, in_features = weight.shape[0], 2 * weight.shape[1]
     rows = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # (M, in)
     out = torch.empty(len(rows), out_features, dtype=torch.bfloat16)  # (M, out)
-    int64, pointer = ctypes.c_int64, lambda t: ctypes.c_void_p(t.data_ptr())
-    bnb_cpu_kernels()[quant_type](int64(len(rows)), int64(out_features), int64(in_features), pointer(rows), pointer(weight),
-                                  pointer(absmax), pointer(out), int64(blocksize), int64(in_features), int64(out_features))
+    int64 = ctypes.c_int64
+    bnb_cpu_kernels()[quant_type](int64(len(rows)), int64(out_features), int64(in_features), _address(rows), _address(weight),
+                                  _address(absmax), _address(out), int64(blocksize), int64(in_features), int64(out_features))
     return out.view(*x.shape[:-1], out_features)
+
+def _address(tensor:torch.Tensor) -> ctypes.c_void_p:
+    "The address of `tensor`'s data, for a C call: the caller keeps `tensor` alive until the call returns."
+    return ctypes.c_void_p(tensor.data_ptr())
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+def bnb_cpu_dequantize(packed:torch.Tensor, state:QuantState,  # a 2-D weight's codes and state, on the CPU
+                       out:torch.Tensor,  # contiguous, `state.shape` values, fp32, bf16 or fp16
+                       ) -> torch.Tensor|None:
+    "`out` filled by bitsandbytes' CPU dequantization (bit-identical to `dequantize_4bit`), or None where it has none."
+    rows, cols = state.shape
+    kernel = bnb_cpu_function(f"cdequantize_blockwise_cpu_{state.quant_type}_{_DTYPE_NAMES.get(out.dtype)}")
+    if kernel is None or state.blocksize >= 2048 or cols % 2: return None  # bitsandbytes itself falls back there
+    absmax = _bnb_block_absmax(state)  # (rows·cols/blocksize,) fp32, held while the kernel reads it
+    int64 = ctypes.c_int64
+    kernel(_address(packed), _address(absmax), _address(out), int64(state.blocksize), int64(rows), int64(cols))
+    return out
+
+def _bnb_block_absmax(state:QuantState) -> torch.Tensor:
+    "`block_absmax(state)` (the same bits), with the nested absmax rebuilt by bitsandbytes' 8-bit CPU kernel."
+    kernel = bnb_cpu_function("cdequantize_blockwise_cpu_fp32")
+    if not state.nested or kernel is None: return block_absmax(state)
+    absmax = torch.empty(state.absmax.numel(), dtype=torch.float32)  # (nblocks,)
+    kernel(_address(state.state2.code), _address(state.absmax), _address(state.state2.absmax), _address(absmax),
+           ctypes.c_longlong(state.state2.blocksize), ctypes.c_longlong(absmax.numel()))
+    return absmax.add_(state.offset)
 
 @contextlib.contextmanager
 def exact_matmuls():
@@ -143,6 +178,9 @@ class NF4Linear(nn.Module):
         if _use_bnb(self.weight.device): return _bnb_dequantize(self.weight, self.quant_state, self.compute_dtype)
         numel = self.out_features * self.in_features
         out = scratch_buffer(numel, self.compute_dtype, self.weight.device) if scratch else None
+        if scratch and self.weight.device.type == "cpu":
+            by_bnb = bnb_cpu_dequantize(self.weight, self.quant_state, out.view(self.out_features, self.in_features))
+            if by_bnb is not None: return by_bnb
         return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype, fast=_fast(self.weight, numel), out=out)
 
     def _uses_cpu_kernel(self, x) -> bool:
