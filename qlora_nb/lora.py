@@ -106,7 +106,8 @@ def _rows_norm(weight:torch.Tensor) -> torch.Tensor:
 def _lora_forward(self:LoRALinear, x:torch.Tensor) -> torch.Tensor:
     result = self.base_layer(x)  # (..., out)
     if self.merged or self.disabled: return result
-    lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (..., in)
+    autocast = torch.is_autocast_enabled(x.device.type) and not self.use_dora
+    lora_x = self.lora_dropout(x if autocast else x.to(self.lora_A.weight.dtype))  # (..., in)
     lora_out = self.lora_B(self.lora_A(lora_x)) * self.scaling  # (..., r) -> (..., out)
     if self.use_dora:
         weight = dense_weight(self.base_layer).to(lora_x.dtype)  # (out, in)
