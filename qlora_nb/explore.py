@@ -285,7 +285,8 @@ class MemoryEstimator:
         config = check_run_config(config)
         model, _ = build_model(dict(config, seed=config.get("seed", 0)), torch.device("cpu"), torch.float32)
         # every optimizer the CLI offers is an AdamW: two moments per trainable parameter (8-bit ones keep them smaller)
-        return estimate_memory(model, config["batch_size"], config["max_length"], optimizer="adamw", runtime=self.runtime)
+        return estimate_memory(model, config["batch_size"], config["max_length"], optimizer="adamw",
+                               chunk_size=config.get("loss_chunk_size"), runtime=self.runtime)
 
     def run_estimate(self):
         "Check the form, estimate, and draw the breakdown."

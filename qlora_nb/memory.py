@@ -239,14 +239,17 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
     per_token = (probe[1] - probe[0]) / 32
     constant = max(probe[0] - 32 * per_token, 0)
     tokens = batch_size * seq_len
-    vocab, logit_bytes = model.config.vocab_size, 4  # logits are made in fp32 for the loss
-    # the model's own loss: the logits stay alive in its output, and backward makes two more (tokens, V) tensors
-    loss_buffers = (3 * tokens if chunk_size is None else 2 * min(chunk_size, tokens)) * vocab * logit_bytes
+    vocab, device = model.config.vocab_size, next(model.parameters()).device
+    if chunk_size is None:  # the model's own loss: fp32 logits stay alive in its output, backward makes two more (tokens, V)
+        loss_buffers = 3 * tokens * vocab * 4
+    else:  # one chunk of logits, in the autocast dtype or the head's, overwritten in place by their gradient
+        autocast = torch.is_autocast_enabled(device.type)
+        logit_bytes = torch.get_autocast_dtype(device.type).itemsize if autocast else model.get_output_embeddings().weight.element_size()
+        loss_buffers = min(chunk_size, tokens) * vocab * logit_bytes
     activations = int(constant + per_token * tokens)
     if layers:  # each layer keeps only its input, and backward recomputes one layer's activations at a time
         residual_bytes = tokens * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
         activations = activations // layers + layers * residual_bytes
-    device = next(model.parameters()).device
     slack = (CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0.0) if allocator_slack is None else allocator_slack
     return MemoryEstimate(weights_by_dtype=weight_bytes_by_dtype(model), trainable_params=sum(p.numel() for p in trainable),
                           gradients=grad_bytes, optimizer_state=2 * grad_bytes if optimizer == "adamw" else 0,
@@ -315,7 +318,8 @@ def measure_step(model:str="tiny",  # 'tiny', 'smollm2-135m' or a local folder
         step_seconds.append(time.perf_counter() - start); cpu_seconds.append(time.process_time() - cpu_start)
     step_peak_rss = _status_bytes("VmHWM")
     if estimate:  # after the steps, so that its probes don't count in the step's peak (it doesn't depend on them)
-        result["estimate"] = dict(estimate_memory(net, batch_size, seq_len, chunk_size=chunk_size).rows())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):  # as the step ran
+            result["estimate"] = dict(estimate_memory(net, batch_size, seq_len, chunk_size=chunk_size).rows())
     return {**result, "malloc_mmap_threshold": malloc_mmap_threshold, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
             "step_peak_rss": step_peak_rss,
             "step_seconds": step_seconds, "step_cpu_seconds": cpu_seconds, "losses": losses}
