@@ -15,7 +15,7 @@ import bitsandbytes.functional as bnbF
 
 from qlora_nb.quant import (BLOCKSIZES, QuantState, block_absmax, dequantize_4bit, load_quant_state_dict,
                             quant_state_dict, quantize_4bit, code_midpoints)
-from qlora_nb.quant_linear import NF4Linear, bnb_cpu_kernels, exact_matmuls, quantize_model
+from qlora_nb.quant_linear import NF4Linear, bnb_cpu_dequantize, bnb_cpu_kernels, exact_matmuls, quantize_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -212,6 +212,21 @@ def test_quantize_model_matches_bnb_layers():
     assert isinstance(model.lm_head, nn.Linear)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", True), ("nf4", False)])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("shape", [(48, 4096), (3, 8192)])
+def test_bnb_cpu_dequantize_is_bit_identical(quant_type, double_quant, blocksize, shape):
+    "NF4Linear's training path (bitsandbytes' CPU kernel into a scratch buffer) gives dequantize_4bit's bits."
+    torch.manual_seed(blocksize)
+    packed, state = quantize_4bit(torch.randn(shape) * 3, quant_type, blocksize, double_quant)
+    for dtype in DTYPES:
+        out = bnb_cpu_dequantize(packed, state, torch.empty(shape, dtype=dtype))
+        if blocksize >= 2048: assert out is None  # bitsandbytes' own CPU path falls back there too
+        else: assert out is not None and torch.equal(out, dequantize_4bit(packed, state, dtype))
+    layer = NF4Linear(packed, state)
+    assert torch.equal(layer.dequantize(scratch=True), layer.dequantize())
 
 
 @pytest.mark.skipif(not bnb_cpu_kernels(), reason="bitsandbytes has no AVX512-BF16 kernel on this CPU")
