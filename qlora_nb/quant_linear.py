@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import check_in, human_bytes, trim_heap
-from .quant import (BLOCKSIZES, QuantState, _check_state, block_absmax, dequantize_4bit, load_quant_state_dict,
+from .quant import (BLOCKSIZES, QuantState, _check_out, _check_state, block_absmax, dequantize_4bit, load_quant_state_dict,
                             quant_state_dict, quantize_4bit, quantized_nbytes)
 
 # %% auto #0
@@ -76,6 +76,9 @@ def cpu_kernel_matmul(x:torch.Tensor,  # (..., in_features), any float dtype
                       ) -> torch.Tensor:  # (..., out_features) bf16
     "`x @ W.T` by bitsandbytes' fused CPU kernel, in bf16."
     out_features, in_features = weight.shape[0], 2 * weight.shape[1]
+    if x.shape[-1] != in_features or absmax.shape != (in_features // blocksize, out_features) or absmax.dtype != torch.bfloat16:
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and absmax {tuple(absmax.shape)} {absmax.dtype} don't fit "
+                         f"an ({out_features}, {in_features}) weight with blocksize {blocksize} (absmax: bf16, in/blocksize × out)")
     rows = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # (M, in)
     out = torch.empty(len(rows), out_features, dtype=torch.bfloat16)  # (M, out)
     int64 = ctypes.c_int64
@@ -94,6 +97,7 @@ def bnb_cpu_dequantize(packed:torch.Tensor, state:QuantState,  # a 2-D weight's 
                        ) -> torch.Tensor|None:
     "`out` filled by bitsandbytes' CPU dequantization (bit-identical to `dequantize_4bit`), or None where it has none."
     rows, cols = state.shape
+    _check_state(packed, state); _check_out(out, rows * cols, out.dtype, torch.device("cpu"))
     kernel = bnb_cpu_function(f"cdequantize_blockwise_cpu_{state.quant_type}_{_DTYPE_NAMES.get(out.dtype)}")
     if kernel is None or state.blocksize >= 2048 or cols % 2: return None  # bitsandbytes itself falls back there
     absmax = _bnb_block_absmax(state)  # (rows·cols/blocksize,) fp32, held while the kernel reads it
