@@ -115,6 +115,16 @@ def tokens_per_second(model, new_tokens=64, runs=2):
     return new_tokens / best
 
 
+def layer_milliseconds(model, kind, repeats=200):
+    "Milliseconds one token spends in `model`'s layers of type `kind`: each called once on a random row (median of repeats)."
+    total = 0.0
+    with torch.inference_mode():
+        for layer in [m for m in model.modules() if isinstance(m, kind)]:
+            row = torch.randn(1, 1, layer.in_features)
+            total += timed(lambda: layer(row), repeats)
+    return 1000 * total
+
+
 def timed_once(fn):
     start = time.perf_counter(); fn(); return time.perf_counter() - start
 
@@ -127,13 +137,18 @@ def bench_generate():
     quantized = quantize_model(copy.deepcopy(base))
     ours = tokens_per_second(quantized)
     with exact_matmuls(): exact = tokens_per_second(quantized)
-    theirs = tokens_per_second(to_bnb_4bit(copy.deepcopy(base)))
+    theirs_model = to_bnb_4bit(copy.deepcopy(base))
+    theirs = tokens_per_second(theirs_model)
     if bnb_cpu_kernels():
         print("(on this CPU bitsandbytes' 4-bit matmul is its fused AVX512-BF16 kernel, in bf16 whatever the compute dtype;"
               " NF4Linear calls the same kernel when autograd is off)")
     print(f"fp32: {fp32:.1f} tok/s   NF4Linear: {ours:.1f} tok/s   NF4Linear exact fp32: {exact:.1f} tok/s"
           f"   bnb 4-bit (fp32 compute): {theirs:.1f} tok/s")
     print(f"NF4Linear / bnb = {ours/theirs:.2f}x (goal >= 1.5x)   exact / bnb = {exact/theirs:.2f}x   NF4Linear / fp32 = {ours/fp32:.2f}x")
+    head_ms = layer_milliseconds(quantized.lm_head, nn.Linear)
+    print(f"per token: NF4Linear {1000/ours:.1f} ms, bnb {1000/theirs:.1f} ms; of which the fp32 lm_head (both) {head_ms:.1f} ms, "
+          f"the 4-bit layers {layer_milliseconds(quantized, NF4Linear):.1f} ms (NF4Linear) vs "
+          f"{layer_milliseconds(theirs_model, bnb.nn.Linear4bit):.1f} ms (bnb Linear4bit)")
 
 
 if __name__ == "__main__":
