@@ -4,7 +4,7 @@
 
 # %% ../nbs/02b_memory.ipynb #87f00627
 from __future__ import annotations
-import functools, gc, json, re, subprocess, sys, time
+import functools, gc, json, re, subprocess, sys, time, types
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 
@@ -17,9 +17,9 @@ from .lora import is_quantized
 from .quant import _maybe_compiled
 
 # %% auto #0
-__all__ = ['CPU_ALLOCATOR_SLACK', 'loss_and_grad_', 'chunked_lm_loss', 'causal_lm_loss', 'saved_activation_bytes',
-           'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory', 'release_freed_memory',
-           'measure_step', 'measure_in_subprocess']
+__all__ = ['CPU_ALLOCATOR_SLACK', 'loss_and_grad_', 'chunked_lm_loss', 'causal_lm_loss', 'recompute_swiglu',
+           'saved_activation_bytes', 'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory',
+           'release_freed_memory', 'measure_step', 'measure_in_subprocess']
 
 # %% ../nbs/02b_memory.ipynb #45c54d23
 def _loss_and_grad_(logits, target, row_scale):
@@ -112,6 +112,51 @@ def causal_lm_loss(model:nn.Module,  # a Hugging Face causal LM (or a PEFT model
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, h)
     return chunked_lm_loss(hidden, head.weight, labels, chunk_size, lm_head_bias=getattr(head, "bias", None))
 
+# %% ../nbs/02b_memory.ipynb #0c63dca6
+class _SwiGLU(torch.autograd.Function):
+    "silu(gate) · up, saving only gate and up: backward recomputes silu(gate)."
+    @staticmethod
+    def forward(ctx, gate, up):  # gate, up: (..., intermediate)
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., intermediate)
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)  # autograd's own kernels, in its order
+
+@contextmanager
+def _recomputed_in_backward(tensor:torch.Tensor, recompute):
+    "Within the block, autograd saves `tensor` (or a same-size view of it) as a recipe, and calls `recompute()` in backward."
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) of an enclosing hook, or None
+    outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
+    address, numel = tensor.data_ptr(), tensor.numel()
+    def pack(saved):
+        if saved.data_ptr() == address and saved.numel() == numel and saved.is_contiguous(): return _Recipe(saved.shape)
+        return outer_pack(saved)
+    def unpack(packed):
+        if not isinstance(packed, _Recipe): return outer_unpack(packed)
+        with torch.no_grad(): return recompute().view(packed.shape)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack): yield
+
+@dataclass
+class _Recipe: shape: torch.Size
+
+def _recomputing_mlp_forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., hidden)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not torch.is_grad_enabled() or (outer is not None and not getattr(outer[0], "allows_recompute", False)):
+        return type(self).forward(self, x)  # no graph, or checkpointing / offloading owns what is saved
+    gate, up = self.gate_proj(x), self.up_proj(x)  # (..., intermediate)
+    product = _SwiGLU.apply(gate, up)  # (..., intermediate)
+    with _recomputed_in_backward(product, lambda: F.silu(gate) * up): return self.down_proj(product)  # (..., hidden)
+
+def recompute_swiglu(model:nn.Module) -> int:
+    "Make every Llama-style SwiGLU MLP of `model` keep only gate(x) and up(x) for backward; returns how many."
+    mlps = [m for m in model.modules() if all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]  # torch's, or transformers' F.silu
+    for mlp in mlps: mlp.forward = types.MethodType(_recomputing_mlp_forward, mlp)
+    return len(mlps)
+
 # %% ../nbs/02b_memory.ipynb #7caa78df
 def _storage_key(tensor:torch.Tensor) -> int: return tensor.untyped_storage().data_ptr()
 
@@ -126,6 +171,7 @@ def saved_activation_bytes(model:nn.Module,  # the model, set up for training
         key = _storage_key(tensor)
         if key not in weights and key not in saved: saved[key] = tensor.untyped_storage().nbytes()
         return tensor
+    pack.allows_recompute = True  # count what `recompute_swiglu` really keeps
     device = next(model.parameters()).device
     was_training = model.training
     model.train()
@@ -208,7 +254,7 @@ class MemoryEstimate:
     def __str__(self): return "\n".join(f"{name:>18}  {human_bytes(n):>11}" for name, n in self.rows())
 
 # %% ../nbs/02b_memory.ipynb #40e68bf9
-CPU_ALLOCATOR_SLACK = 0.6  # measured: peak RSS minus live bytes, as a fraction of activations + loss buffers
+CPU_ALLOCATOR_SLACK = 1.0  # measured 0.8-1.4: peak RSS minus live bytes, as a fraction of activations + loss buffers
 
 @contextmanager
 def _checkpointing_off(model:nn.Module):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .core import cache_dir, check_in, check_range, compute_dtype, default_device
+from .memory import recompute_swiglu
 from .lora import (LoRAConfig, ModuleToSave, add_lora, find_targets, is_linear, is_quantized,
                            mark_only_lora_as_trainable, trainable_report, _set_module)
 
@@ -164,6 +165,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
                       device:str|torch.device|None=None,  # `default_device()` when None
                       seed:int=0,  # seeds the tiny model
                       attn_implementation:str|None=None,  # transformers' name; None: `training_attention(device, dtype)`
+                      recompute_mlp:bool=True,  # native: keep only gate(x) and up(x) of each SwiGLU MLP (`recompute_swiglu`)
                       **method_kwargs):  # quant_type, blocksize, double_quant, bottleneck_size
     "Load a base model and set it up for `method` on `backend`; return `(model, tokenizer)`."
     check_in(backend, BACKENDS, "backend"); check_in(method, METHODS, "method")
@@ -175,6 +177,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
         from qlora_nb.models import load_base
         model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, seed=seed)
         model.set_attn_implementation(attn_implementation)
+        if recompute_mlp: recompute_swiglu(model)
         return prepare_model(model, method, quantize=quantize, lora_config=lora_config, **method_kwargs), tokenizer
     if method != "lora": raise ValueError(f"backend='peft+bnb' runs method='lora' only, not {method!r}; use backend='native'")
     import peft
