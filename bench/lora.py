@@ -5,8 +5,11 @@ The step time (wall and CPU) is the median of the steps after the first (which c
 `-bf16` runs a bf16 base under bf16 autocast (fast where the CPU has bf16 dot products), `-lean` adds gradient
 checkpointing, and `native-mmap` is `native` with glibc told to return freed big blocks at once. The peak RSS is
 the kernel's high-water mark during the steps (reset after loading) and, separately, over the whole process.
+On a shared machine step times drift by 10% and more over minutes: `--rounds N` runs the configurations N times,
+round-robin, and reports medians.
 
     .venv/bin/python bench/lora.py                      # 135M, batch 4 x 128, r=16 on all linear layers
+    .venv/bin/python bench/lora.py --steps 5 --rounds 2
     .venv/bin/python bench/lora.py --model tiny --steps 3
 """
 import argparse, json, statistics, sys, time
@@ -53,6 +56,30 @@ def goal_lines(runs):
     return lines
 
 
+def measure(name, args, label=""):
+    "One configuration in a fresh subprocess: its figures, printed as a line."
+    start = time.perf_counter()
+    run = measure_in_subprocess(model=args.model, r=args.r, alpha=2 * args.r, batch_size=args.batch_size, seq_len=args.seq_len,
+                                steps=args.steps, estimate=CONFIGS[name]["backend"] == "native", **CONFIGS[name])
+    run["step"] = statistics.median(run["step_seconds"][1:])
+    run["cpu"] = statistics.median(run["step_cpu_seconds"][1:])
+    run["step_peak"] = run["step_peak_rss"]
+    run["process_peak"] = max(run["load_peak_rss"], run["step_peak_rss"])
+    print(f"{name:>15}{label}: {run['step']:6.2f} s/step, {run['cpu']:6.2f} CPU s/step (all steps {', '.join(f'{s:.1f}' for s in run['step_seconds'])}), "
+          f"loaded {human_bytes(run['loaded_rss'])}, step peak {human_bytes(run['step_peak'])}, "
+          f"process peak {human_bytes(run['process_peak'])}, first loss {run['losses'][0]:.5f} "
+          f"[{time.perf_counter() - start:.0f} s]", flush=True)
+    if "estimate" in run:
+        print(f"{'':>17}estimate {human_bytes(run['estimate']['total'])} = {run['estimate']['total'] / run['step_peak']:.2f}x the step peak", flush=True)
+    return run
+
+
+def combined(runs):
+    "The last run, with step time and peaks replaced by their medians over all rounds."
+    medians = {key: statistics.median(run[key] for run in runs) for key in ("step", "cpu", "step_peak", "process_peak")}
+    return {**runs[-1], **medians, "rounds": len(runs)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -61,28 +88,19 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="steps per configuration; the first is a warm-up")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, round-robin; report medians")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
     args = parser.parse_args(argv)
     if args.steps < 2: parser.error("--steps must be at least 2 (the first step is a warm-up)")
+    if args.rounds < 1: parser.error("--rounds must be at least 1")
 
-    runs = {}
-    for name in args.configs:
-        start = time.perf_counter()
-        run = measure_in_subprocess(model=args.model, r=args.r, alpha=2 * args.r, batch_size=args.batch_size, seq_len=args.seq_len,
-                                    steps=args.steps, estimate=CONFIGS[name]["backend"] == "native", **CONFIGS[name])
-        run["step"] = statistics.median(run["step_seconds"][1:])
-        run["cpu"] = statistics.median(run["step_cpu_seconds"][1:])
-        run["step_peak"] = run["step_peak_rss"]
-        run["process_peak"] = max(run["load_peak_rss"], run["step_peak_rss"])
-        runs[name] = run
-        print(f"{name:>15}: {run['step']:6.2f} s/step, {run['cpu']:6.2f} CPU s/step (all steps {', '.join(f'{s:.1f}' for s in run['step_seconds'])}), "
-              f"loaded {human_bytes(run['loaded_rss'])}, step peak {human_bytes(run['step_peak'])}, "
-              f"process peak {human_bytes(run['process_peak'])}, first loss {run['losses'][0]:.5f} "
-              f"[{time.perf_counter() - start:.0f} s]", flush=True)
-        if "estimate" in run:
-            print(f"{'':>17}estimate {human_bytes(run['estimate']['total'])} = {run['estimate']['total'] / run['step_peak']:.2f}x the step peak", flush=True)
+    rounds = {name: [] for name in args.configs}
+    for round_index in range(args.rounds):  # round-robin, so that a slow spell of a shared machine hits every config
+        for name in args.configs: rounds[name].append(measure(name, args, f" (round {round_index + 1})" if args.rounds > 1 else ""))
+    runs = {name: combined(measured) for name, measured in rounds.items()}
 
-    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len}, LoRA r={args.r} on all linear layers, AdamW")
+    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len}, LoRA r={args.r} on all linear layers, AdamW"
+          + (f", medians of {args.rounds} rounds" if args.rounds > 1 else ""))
     for what, value, goal in goal_lines(runs):
         print(f"  {what:<58} {value:5.2f}x  (goal <= {goal}x: {'met' if value <= goal else 'NOT met'})")
     for name, run in runs.items():
