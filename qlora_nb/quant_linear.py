@@ -34,12 +34,15 @@ class DequantizeMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer  # a module reference, not a tensor: nothing weight-sized is kept for backward
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return F.linear(x, layer.dequantize(scratch=True))  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: (..., out)
-        grad_x = grad_out @ ctx.layer.dequantize(scratch=True) if ctx.needs_input_grad[0] else None  # (..., in)
-        return grad_x, None
+        if not ctx.needs_input_grad[0]: return None, None
+        with torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext():  # backward runs as forward ran
+            return grad_out @ ctx.layer.dequantize(scratch=True), None  # (..., in)
 
 # %% ../nbs/01a_quant_linear.ipynb #a414920f
 @functools.cache
