@@ -33,9 +33,10 @@ def _loss_and_grad_(logits, target, row_scale):
 def loss_and_grad_(logits:torch.Tensor,  # (C, V) one chunk's logits, any float dtype: overwritten by their gradient
                    target:torch.Tensor,  # (C,) token ids, all valid
                    row_scale:torch.Tensor,  # (C,) fp32 weight of each row's loss in the total (0 for ignored tokens)
-                   fast:bool|None=None,  # torch.compile it (None: on the CPU for blocks of quant.COMPILE_MIN_NUMEL or more)
+                   fast:bool|None=None,  # torch.compile it (None: on CUDA, and on the CPU for blocks of quant.COMPILE_MIN_NUMEL or more)
                   ) -> torch.Tensor:  # (C,) fp32 cross-entropy of each row
     "Each row's cross-entropy, with d(Σ row_scale · loss)/d logits written over `logits`."
+    if fast is None and logits.device.type == "cuda": fast = True  # eager makes 3-8 temporaries the block's size there
     fn, _ = _maybe_compiled(_loss_and_grad_, logits.device, logits.numel(), fast)
     return fn(logits, target, row_scale)
 
