@@ -230,11 +230,9 @@ def build_model(config:dict, device:torch.device, dtype:torch.dtype):
     "The base model and tokenizer, quantized as configured, with LoRA added, set up to train as `load_for_training` does."
     from qlora_nb.models import load_base
     from qlora_nb.lora import LoRAConfig, add_lora
-    from qlora_nb.memory import recompute_swiglu
-    from qlora_nb.methods import training_attention
+    from qlora_nb.methods import set_up_training_kernels, training_attention
     model, tokenizer = load_base(config["model"], dtype=dtype, device=device, seed=config["seed"])
-    model.set_attn_implementation(training_attention(device, dtype))
-    recompute_swiglu(model)  # same gradients, 30% less activation memory
+    set_up_training_kernels(model, training_attention(device, dtype))
     if config["quant"] != "none":
         from qlora_nb.quant_linear import quantize_model
         quantize_model(model, quant_type=config["quant"], blocksize=config["blocksize"], double_quant=config["double_quant"], skip=("lm_head",))

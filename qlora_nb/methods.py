@@ -17,7 +17,8 @@ from .lora import (LoRAConfig, ModuleToSave, add_lora, find_targets, is_linear, 
 
 # %% auto #0
 __all__ = ['METHODS', 'BACKENDS', 'BottleneckAdapter', 'decoder_layers', 'add_adapters', 'remove_adapters', 'add_bitfit',
-           'full_finetune', 'feature_extraction', 'prepare_model', 'training_attention', 'load_for_training']
+           'full_finetune', 'feature_extraction', 'prepare_model', 'training_attention', 'set_up_training_kernels',
+           'load_for_training']
 
 # %% ../nbs/02a_methods.ipynb #3010e55f
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -146,6 +147,15 @@ def training_attention(device:torch.device, dtype:torch.dtype) -> str:
     "transformers' attention implementation for training: 'eager' on the CPU in 16-bit (faster there), else 'sdpa'."
     return "eager" if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else "sdpa"
 
+def set_up_training_kernels(model:nn.Module,  # a native model (ours, not PEFT's), before its methods are added
+                            attn_implementation:str,  # transformers' name, e.g. from `training_attention`
+                            recompute_mlp:bool=True,  # keep only gate(x) and up(x) of each SwiGLU MLP (`recompute_swiglu`)
+                           ) -> nn.Module:
+    "Switch `model` to the attention kernel and activation recompute it trains with; the CLI and `load_for_training` share it."
+    model.set_attn_implementation(attn_implementation)
+    if recompute_mlp: recompute_swiglu(model)
+    return model
+
 def _model_folder(name_or_path:str, seed:int) -> Path:
     "A local folder transformers can load: the converted SmolLM2, a user folder, or the tiny model saved once."
     from qlora_nb.models import load_base, resolve_model_path
@@ -176,8 +186,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
     if backend == "native":
         from qlora_nb.models import load_base
         model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, seed=seed)
-        model.set_attn_implementation(attn_implementation)
-        if recompute_mlp: recompute_swiglu(model)
+        set_up_training_kernels(model, attn_implementation, recompute_mlp)
         return prepare_model(model, method, quantize=quantize, lora_config=lora_config, **method_kwargs), tokenizer
     if method != "lora": raise ValueError(f"backend='peft+bnb' runs method='lora' only, not {method!r}; use backend='native'")
     import peft
