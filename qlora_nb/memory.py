@@ -17,9 +17,10 @@ from .lora import is_quantized
 from .quant import _maybe_compiled
 
 # %% auto #0
-__all__ = ['CPU_ALLOCATOR_SLACK', 'loss_and_grad_', 'chunked_lm_loss', 'causal_lm_loss', 'recompute_swiglu',
-           'saved_activation_bytes', 'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory',
-           'release_freed_memory', 'measure_step', 'measure_in_subprocess']
+__all__ = ['RECOMPUTED_ATTENTION', 'CPU_ALLOCATOR_SLACK', 'loss_and_grad_', 'chunked_lm_loss', 'causal_lm_loss',
+           'recompute_swiglu', 'RecomputedAttention', 'recomputed_attention_forward', 'saved_activation_bytes',
+           'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory', 'release_freed_memory',
+           'measure_step', 'measure_in_subprocess']
 
 # %% ../nbs/02b_memory.ipynb #45c54d23
 def _loss_and_grad_(logits, target, row_scale):
@@ -157,6 +158,79 @@ def recompute_swiglu(model:nn.Module) -> int:
             and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]  # torch's, or transformers' F.silu
     for mlp in mlps: mlp.forward = types.MethodType(_recomputing_mlp_forward, mlp)
     return len(mlps)
+
+# %% ../nbs/02b_memory.ipynb #0289b241
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
+
+RECOMPUTED_ATTENTION = "eager_recompute"  # transformers' attn_implementation name of `recomputed_attention_forward`
+
+def _attention_probs(query:torch.Tensor,  # (B, H, T, D)
+                     keys:torch.Tensor,  # (B, H, S, D): repeated to every query head
+                     mask:torch.Tensor|None,  # (B, 1, T, S) additive, or None
+                     scaling:float) -> torch.Tensor:
+    "Eager attention's probabilities, op for op: the fp32 softmax of the scaled, masked scores."
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scaling  # (B, H, T, S)
+    if mask is not None: scores = scores + mask
+    return F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, T, S)
+
+def _summed_over_groups(grad:torch.Tensor, groups:int) -> torch.Tensor:  # grad: (B, Hkv·groups, S, D)
+    "The backward of `repeat_kv`: the gradient of each key/value head, summed over the query heads that shared it."
+    batch, heads, length, dim = grad.shape
+    return grad.view(batch, heads // groups, groups, length, dim).sum(2)  # (B, Hkv, S, D)
+
+class RecomputedAttention(torch.autograd.Function):
+    "softmax(q·kᵀ·scaling + mask)·v as transformers' eager attention computes it, saving only q, k and v for backward."
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling, groups):  # query: (B, H, T, D); key, value: (B, Hkv, S, D)
+        ctx.save_for_backward(query, key, value, mask)
+        ctx.scaling, ctx.groups = scaling, groups
+        probs = _attention_probs(query, repeat_kv(key, groups), mask, scaling).to(query.dtype)  # (B, H, T, S)
+        return torch.matmul(probs, repeat_kv(value, groups))  # (B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (B, H, T, D)
+        query, key, value, mask = ctx.saved_tensors
+        keys, values = repeat_kv(key, ctx.groups), repeat_kv(value, ctx.groups)  # (B, H, S, D)
+        probs_fp32 = _attention_probs(query, keys, mask, ctx.scaling)  # (B, H, T, S)
+        probs = probs_fp32.to(query.dtype)
+        grad_values = torch.matmul(probs.transpose(2, 3), grad)  # (B, H, S, D)
+        grad_probs = torch.matmul(grad, values.transpose(2, 3)).to(torch.float32)  # (B, H, T, S)
+        masked_dtype = query.dtype if mask is None else torch.promote_types(query.dtype, mask.dtype)  # the softmax's input
+        grad_masked = torch._softmax_backward_data(grad_probs, probs_fp32, -1, masked_dtype)  # (B, H, T, S)
+        grad_scores = grad_masked.to(query.dtype) * ctx.scaling  # (B, H, T, S)
+        grad_query = torch.matmul(grad_scores, keys)  # (B, H, T, D)
+        grad_keys = torch.matmul(query.transpose(2, 3), grad_scores).transpose(2, 3)  # (B, H, S, D), as autograd orders it
+        return grad_query, _summed_over_groups(grad_keys, ctx.groups), _summed_over_groups(grad_values, ctx.groups), None, None, None
+
+def _eager_attention_of(module:nn.Module):
+    "The eager attention function of `module`'s model file (each transformers architecture defines its own)."
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None: raise ValueError(f"attn_implementation={RECOMPUTED_ATTENTION!r} needs {type(module).__module__} to define "
+                                       "eager_attention_forward; use 'eager' or 'sdpa' for this model")
+    return eager
+
+@functools.cache
+def _computes_as_llama(eager) -> bool:
+    "Whether an architecture's eager attention is Llama's, op for op (Mistral, Qwen2/3, Phi-3, OLMo 2, ... copy it)."
+    code, llama = eager.__code__, eager_attention_forward.__code__
+    return (code.co_code, code.co_names, code.co_consts) == (llama.co_code, llama.co_names, llama.co_consts)
+
+def recomputed_attention_forward(module:nn.Module, query:torch.Tensor, key:torch.Tensor, value:torch.Tensor,
+                                 attention_mask:torch.Tensor|None, scaling:float, dropout:float=0.0, **kwargs):
+    "transformers' attention interface: eager attention's result, with `RecomputedAttention`'s backward where it can."
+    eager = _eager_attention_of(module)
+    recompute = (torch.is_grad_enabled() and dropout == 0.0 and query.dtype == key.dtype == value.dtype
+                 and not kwargs.get("output_attentions") and _computes_as_llama(eager)
+                 and (not torch.is_autocast_enabled(query.device.type) or torch.get_autocast_dtype(query.device.type) == query.dtype))
+    if not recompute: return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    output = RecomputedAttention.apply(query, key, value, attention_mask, scaling, groups)  # (B, H, T, D)
+    return output.transpose(1, 2).contiguous(), None  # (B, T, H, D); no probabilities kept to return
+
+AttentionInterface.register(RECOMPUTED_ATTENTION, recomputed_attention_forward)
+AttentionMaskInterface.register(RECOMPUTED_ATTENTION, eager_mask)
 
 # %% ../nbs/02b_memory.ipynb #7caa78df
 def _storage_key(tensor:torch.Tensor) -> int: return tensor.untyped_storage().data_ptr()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core import cache_dir, check_in, check_range, compute_dtype, default_device
-from .memory import recompute_swiglu
+from .memory import RECOMPUTED_ATTENTION, recompute_swiglu
 from .lora import (LoRAConfig, ModuleToSave, add_lora, find_targets, is_linear, is_quantized,
                            mark_only_lora_as_trainable, trainable_report, _set_module)
 
@@ -143,9 +143,12 @@ def prepare_model(model:nn.Module,  # a base causal LM, full precision
 # %% ../nbs/02a_methods.ipynb #8b401b2f
 BACKENDS = ("native", "peft+bnb")
 
-def training_attention(device:torch.device, dtype:torch.dtype) -> str:
-    "transformers' attention implementation for training: 'eager' on the CPU in 16-bit (faster there), else 'sdpa'."
-    return "eager" if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else "sdpa"
+def training_attention(device:torch.device, dtype:torch.dtype,
+                       recompute:bool=True,  # eager as `RecomputedAttention`, which keeps no probabilities for backward
+                      ) -> str:
+    "transformers' attention implementation for training: eager on the CPU in 16-bit (faster there), else 'sdpa'."
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16): return "sdpa"
+    return RECOMPUTED_ATTENTION if recompute else "eager"
 
 def set_up_training_kernels(model:nn.Module,  # a native model (ours, not PEFT's), before its methods are added
                             attn_implementation:str,  # transformers' name, e.g. from `training_attention`
@@ -182,7 +185,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
     lora_config = lora_config or LoRAConfig()
     device = torch.device(device) if device is not None else default_device()
     dtype = compute_dtype(device, dtype)
-    attn_implementation = attn_implementation or training_attention(device, dtype)
+    attn_implementation = attn_implementation or training_attention(device, dtype, recompute=backend == "native")
     if backend == "native":
         from qlora_nb.models import load_base
         model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, seed=seed)
