@@ -5,18 +5,24 @@
 2. Greedy generation, batch 1, 64 new tokens, through NF4Linear vs bitsandbytes 4-bit (fp32 compute) vs fp32.
    Goal: >= 1.5x bitsandbytes' tokens/s. On a CPU with AVX512-BF16 both 4-bit models multiply through bitsandbytes'
    fused bf16 kernel (with identical logits), so the ratio measures what each layer costs around it; NF4Linear's
-   exact fp32 path (`exact_matmuls`) is timed too.
+   exact fp32 path (`exact_matmuls`) is timed too. Both models keep SmolLM2's tied fp32 head; `quantize_model` makes
+   it a `DecodeLinear` (a compiled one-row kernel), bitsandbytes' stack keeps nn.Linear. The per-token line splits
+   the time between the head, the 4-bit layers and the rest.
 
 Our dequantize_4bit puts big outputs in transparent huge pages; bitsandbytes and the copy get ordinary pages, as
 their users do. To compare the kernels alone, the tensor part runs again in a subprocess with THP_MEM_ALLOC_ENABLE=1,
 which makes PyTorch put every big allocation (bitsandbytes' outputs and the copy too) in huge pages.
 
-Run: .venv/bin/python bench/quant.py [--skip-generate] [--repeats N] [--no-thp-rerun]"""
+Run: .venv/bin/python bench/quant.py [--skip-generate | --skip-tensor] [--repeats N] [--no-thp-rerun]"""
 import argparse, os, statistics, subprocess, sys, time, warnings
 
 # On a shared, oversubscribed CPU, OpenMP threads that spin-wait after each parallel region steal the cores the next
-# region needs (measured here: 5-10x slower small ops after an inductor kernel). Sleeping waits help both libraries.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# region needs (measured here: 5-10x slower small ops after an inductor kernel). Sleeping waits help both libraries
+# with the big tensors. Decoding is the opposite, hundreds of tiny parallel regions a token that each wait for
+# sleeping threads to wake (both 4-bit models ran at half speed with PASSIVE), so the generation part runs in its own
+# process under the caller's OpenMP settings, which by default spin a little, then sleep.
+CALLER_ENV = dict(os.environ)
+if "--skip-tensor" not in sys.argv: os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
@@ -132,7 +138,8 @@ def timed_once(fn):
 def bench_generate():
     import copy
     base, what = load_model()
-    print(f"\n== greedy generation, batch 1, 64 new tokens: {what}")
+    print(f"\n== greedy generation, batch 1, 64 new tokens: {what}, torch threads {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     fp32 = tokens_per_second(base)
     quantized = quantize_model(copy.deepcopy(base))
     ours = tokens_per_second(quantized)
@@ -145,8 +152,9 @@ def bench_generate():
     print(f"fp32: {fp32:.1f} tok/s   NF4Linear: {ours:.1f} tok/s   NF4Linear exact fp32: {exact:.1f} tok/s"
           f"   bnb 4-bit (fp32 compute): {theirs:.1f} tok/s")
     print(f"NF4Linear / bnb = {ours/theirs:.2f}x (goal >= 1.5x)   exact / bnb = {exact/theirs:.2f}x   NF4Linear / fp32 = {ours/fp32:.2f}x")
-    head_ms = layer_milliseconds(quantized.lm_head, nn.Linear)
-    print(f"per token: NF4Linear {1000/ours:.1f} ms, bnb {1000/theirs:.1f} ms; of which the fp32 lm_head (both) {head_ms:.1f} ms, "
+    print(f"per token: NF4Linear {1000/ours:.1f} ms, bnb {1000/theirs:.1f} ms; of which the fp32 lm_head "
+          f"{layer_milliseconds(quantized.lm_head, nn.Linear):.1f} ms (quantize_model's DecodeLinear) vs "
+          f"{layer_milliseconds(theirs_model.lm_head, nn.Linear):.1f} ms (nn.Linear), "
           f"the 4-bit layers {layer_milliseconds(quantized, NF4Linear):.1f} ms (NF4Linear) vs "
           f"{layer_milliseconds(theirs_model, bnb.nn.Linear4bit):.1f} ms (bnb Linear4bit)")
 
@@ -154,12 +162,14 @@ def bench_generate():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--skip-tensor", action="store_true", help="only the generation part")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-thp-rerun", action="store_true", help="skip the rerun with huge pages for every allocation")
     args = parser.parse_args()
-    bench_tensor(args.repeats)
-    if not args.no_thp_rerun and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+    if not args.skip_tensor: bench_tensor(args.repeats)
+    if not args.skip_tensor and not args.no_thp_rerun and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         print("\n(kernels alone: the same with THP_MEM_ALLOC_ENABLE=1, in a subprocess)", flush=True)
         subprocess.run([sys.executable, __file__, "--skip-generate", "--no-thp-rerun", "--repeats", str(args.repeats)],
                        env={**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}, check=True)
-    if not args.skip_generate: bench_generate()
+    if args.skip_tensor: bench_generate()
+    elif not args.skip_generate: subprocess.run([sys.executable, __file__, "--skip-tensor"], env=CALLER_ENV, check=True)

@@ -11,13 +11,13 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import check_in, human_bytes, trim_heap
-from .quant import (BLOCKSIZES, QuantState, _check_out, _check_state, block_absmax, dequantize_4bit, load_quant_state_dict,
+from .quant import (BLOCKSIZES, QuantState, _check_out, _check_state, _maybe_compiled, block_absmax, dequantize_4bit, load_quant_state_dict,
                             quant_state_dict, quantize_4bit, quantized_nbytes)
 
 # %% auto #0
 __all__ = ['LAYER_COMPILE_MIN_NUMEL', 'scratch_buffer', 'DequantizeMatmul', 'bnb_cpu_function', 'bnb_cpu_kernels',
-           'cpu_kernel_layout', 'cpu_kernel_matmul', 'bnb_cpu_dequantize', 'exact_matmuls', 'NF4Linear', 'own_tensors',
-           'quantize_model', 'memory_report']
+           'cpu_kernel_layout', 'cpu_kernel_matmul', 'bnb_cpu_dequantize', 'exact_matmuls', 'DecodeLinear', 'NF4Linear',
+           'own_tensors', 'quantize_model', 'memory_report']
 
 # %% ../nbs/01a_quant_linear.ipynb #abb92669
 _scratch = threading.local()  # per thread: (device, dtype, numel) -> the buffer 4-bit matmuls of that size dequantize into
@@ -119,16 +119,43 @@ def _bnb_block_absmax(state:QuantState) -> torch.Tensor:
 
 @contextlib.contextmanager
 def exact_matmuls():
-    "Within this block `NF4Linear` never takes the bf16 CPU kernel: inference multiplies exactly as training does."
-    before, NF4Linear.cpu_kernel = NF4Linear.cpu_kernel, False
+    "Within this block `NF4Linear` never takes the bf16 CPU kernel, nor `DecodeLinear` its row kernel: inference multiplies as training does."
+    before = NF4Linear.cpu_kernel, DecodeLinear.row_kernel
+    NF4Linear.cpu_kernel = DecodeLinear.row_kernel = False
     try: yield
-    finally: NF4Linear.cpu_kernel = before
+    finally: NF4Linear.cpu_kernel, DecodeLinear.row_kernel = before
 
-# %% ../nbs/01a_quant_linear.ipynb #503dd459
+# %% ../nbs/01a_quant_linear.ipynb #349ddb95
 LAYER_COMPILE_MIN_NUMEL = 1 << 16  # layers this big run their kernels through torch.compile on the CPU
 
 def _fast(tensor:torch.Tensor, numel:int) -> bool: return tensor.device.type == "cpu" and numel >= LAYER_COMPILE_MIN_NUMEL
 
+def _row_times_rows(row:torch.Tensor, weight:torch.Tensor) -> torch.Tensor:  # row: (1, in); weight: (out, in)
+    return (weight * row).sum(-1)  # (out,): compiled, the product is never stored
+
+class DecodeLinear(nn.Linear):
+    "An `nn.Linear` whose one-row, no-grad product on the CPU is a compiled multiply-and-sum instead of the BLAS's GEMV."
+    row_kernel = True  # class-wide switch; `exact_matmuls()` turns it off
+
+    @classmethod
+    def from_linear(cls, linear:nn.Linear) -> DecodeLinear:
+        "A `DecodeLinear` holding `linear`'s own weight and bias (the same parameters, not copies)."
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def _uses_row_kernel(self, x:torch.Tensor) -> bool:
+        return (self.row_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
+                and x.dtype == self.weight.dtype == torch.float32 and _fast(x, self.weight.numel()))
+
+    def forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
+        if not self._uses_row_kernel(x): return super().forward(x)
+        kernel, _ = _maybe_compiled(_row_times_rows, x.device, self.weight.numel(), fast=True)
+        out = kernel(x.reshape(1, -1), self.weight)  # (out_features,)
+        if self.bias is not None: out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)  # (..., out_features)
+
+# %% ../nbs/01a_quant_linear.ipynb #503dd459
 def _bnb_dequantize(packed:torch.Tensor, state:QuantState, dtype:torch.dtype):
     "Dequantize with bitsandbytes' kernel (CUDA); the values are bit-identical to `dequantize_4bit`."
     import bitsandbytes.functional as bnbF
@@ -259,6 +286,7 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
                    double_quant:bool=True,  # quantize the absmax too
                    skip=("lm_head",),  # module names (or name components) to leave in full precision
                    compute_dtype:torch.dtype|None=None,  # dtype of the 4-bit matmuls; None: each weight's dtype
+                   decode_kernel:bool=True,  # skipped `nn.Linear`s become `DecodeLinear` (same parameters) for fast decoding
                    ) -> nn.Module:
     "Replace the `nn.Linear` layers of `model` in place with `NF4Linear`, and let go of the checkpoint file; returns `model`."
     check_in(quant_type, ("nf4", "fp4"), "quant_type"); check_in(blocksize, BLOCKSIZES, "blocksize")
@@ -266,10 +294,11 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not _skipped(name, skip)]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
+        model.set_submodule(name, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
         linear.weight = None  # free the full-precision copy now, not at the end
+    if decode_kernel:
+        for name, linear in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _skipped(n, skip)]:
+            model.set_submodule(name, DecodeLinear.from_linear(linear))
     own_tensors(model)
     trim_heap()  # and give the freed full-precision weights back to the OS
     return model

@@ -15,7 +15,7 @@ import bitsandbytes.functional as bnbF
 
 from qlora_nb.quant import (BLOCKSIZES, QuantState, block_absmax, dequantize_4bit, load_quant_state_dict,
                             quant_state_dict, quantize_4bit, code_midpoints)
-from qlora_nb.quant_linear import NF4Linear, bnb_cpu_dequantize, bnb_cpu_kernels, exact_matmuls, quantize_model
+from qlora_nb.quant_linear import DecodeLinear, NF4Linear, bnb_cpu_dequantize, bnb_cpu_kernels, exact_matmuls, quantize_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -229,14 +229,12 @@ def test_bnb_cpu_dequantize_is_bit_identical(quant_type, double_quant, blocksize
     assert torch.equal(layer.dequantize(scratch=True), layer.dequantize())
 
 
-@pytest.mark.skipif(not bnb_cpu_kernels(), reason="bitsandbytes has no AVX512-BF16 kernel on this CPU")
-@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)])
-def test_inference_equals_bnb_model(quant_type, double_quant, blocksize):
-    "With autograd off, a model quantized by us gives the logits of the same model in bnb.nn.Linear4bit, bit for bit."
+def ours_and_bnb(quant_type="nf4", double_quant=True, blocksize=64, vocab_size=300):
+    "A random tied-head Llama quantized by `quantize_model`, and the same model in bnb.nn.Linear4bit."
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+                         num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=True)
     ours = LlamaForCausalLM(config).eval()
     theirs = LlamaForCausalLM(config).eval()
     theirs.load_state_dict(ours.state_dict())
@@ -245,9 +243,15 @@ def test_inference_equals_bnb_model(quant_type, double_quant, blocksize):
                                   compress_statistics=double_quant, quant_type=quant_type)
         layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=quant_type,
                                          compress_statistics=double_quant, blocksize=blocksize, module=layer)
-        parent, _, child = name.rpartition(".")
-        setattr(theirs.get_submodule(parent), child, layer.to("cpu").eval())
-    quantize_model(ours, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        theirs.set_submodule(name, layer.to("cpu").eval())
+    return quantize_model(ours, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant), theirs
+
+
+@pytest.mark.skipif(not bnb_cpu_kernels(), reason="bitsandbytes has no AVX512-BF16 kernel on this CPU")
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)])
+def test_inference_equals_bnb_model(quant_type, double_quant, blocksize):
+    "With autograd off, a model quantized by us gives the logits of the same model in bnb.nn.Linear4bit, bit for bit."
+    ours, theirs = ours_and_bnb(quant_type, double_quant, blocksize)  # a head too small for DecodeLinear's row kernel
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
@@ -256,6 +260,20 @@ def test_inference_equals_bnb_model(quant_type, double_quant, blocksize):
     prompt = ids[:1, :4]
     torch.testing.assert_close(ours.generate(prompt, max_new_tokens=8, do_sample=False),
                                theirs.generate(prompt, max_new_tokens=8, do_sample=False), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not bnb_cpu_kernels(), reason="bitsandbytes has no AVX512-BF16 kernel on this CPU")
+def test_decode_head_generates_as_bnb():
+    "With a head big enough for DecodeLinear's one-row kernel, greedy decoding gives bnb's tokens, and logits to fp32 rounding."
+    ours, theirs = ours_and_bnb(vocab_size=4096)
+    assert isinstance(ours.lm_head, DecodeLinear) and type(theirs.lm_head) is nn.Linear
+    prompt = torch.randint(0, 4096, (1, 5))
+    with torch.no_grad():
+        last = ours.model(prompt).last_hidden_state[:, -1:]  # (1, 1, hidden): one row, as in decoding
+        assert ours.lm_head._uses_row_kernel(last)
+        torch.testing.assert_close(ours.lm_head(last), theirs.lm_head(last), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.generate(prompt, max_new_tokens=16, do_sample=False),
+                               theirs.generate(prompt, max_new_tokens=16, do_sample=False), rtol=0, atol=0)
 
 
 # ---- hypothesis: random shapes and values ----
