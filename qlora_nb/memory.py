@@ -367,15 +367,16 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
         autocast = torch.is_autocast_enabled(device.type)
         logit_bytes = torch.get_autocast_dtype(device.type).itemsize if autocast else model.get_output_embeddings().weight.element_size()
         loss_buffers = min(chunk_size, tokens) * vocab * logit_bytes
-    activations = int(constant + per_token * tokens)
+    activations = unchecked = int(constant + per_token * tokens)
     if layers:  # each layer keeps only its input, and backward recomputes one layer's activations at a time
         residual_bytes = tokens * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
         activations = activations // layers + layers * residual_bytes
     slack = (CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0.0) if allocator_slack is None else allocator_slack
+    fragmented = unchecked if device.type == "cpu" else activations  # freed by checkpointing, kept by glibc
     return MemoryEstimate(weights_by_dtype=weight_bytes_by_dtype(model), trainable_params=sum(p.numel() for p in trainable),
                           gradients=grad_bytes, optimizer_state=2 * grad_bytes if optimizer == "adamw" else 0,
                           activations=activations, loss_buffers=loss_buffers,
-                          allocator_slack=int(slack * (activations + loss_buffers)),
+                          allocator_slack=int(slack * (fragmented + loss_buffers)),
                           runtime=runtime_bytes(any(is_quantized(m) for m in model.modules())) if runtime is None else runtime)
 
 # %% ../nbs/02b_memory.ipynb #f450ad7f
