@@ -18,9 +18,9 @@ from .quant import _maybe_compiled
 
 # %% auto #0
 __all__ = ['RECOMPUTED_ATTENTION', 'CPU_ALLOCATOR_SLACK', 'loss_and_grad_', 'chunked_lm_loss', 'causal_lm_loss',
-           'recompute_swiglu', 'RecomputedAttention', 'recomputed_attention_forward', 'saved_activation_bytes',
-           'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory', 'release_freed_memory',
-           'measure_step', 'measure_in_subprocess']
+           'recompute_swiglu', 'recompute_norm_outputs', 'RecomputedAttention', 'recomputed_attention_forward',
+           'saved_activation_bytes', 'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate', 'estimate_memory',
+           'release_freed_memory', 'measure_step', 'measure_in_subprocess']
 
 # %% ../nbs/02b_memory.ipynb #45c54d23
 def _loss_and_grad_(logits, target, row_scale):
@@ -127,30 +127,54 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)  # autograd's own kernels, in its order
 
+class _Recomputed:
+    "A tensor that backward makes again, once for all the saved copies that ask while any of them is pending."
+    def __init__(self, recompute): self.recompute, self.pending, self.made = recompute, 0, None
+    def take(self, shape:torch.Size) -> torch.Tensor:
+        if self.made is None:
+            with torch.no_grad(): self.made = self.recompute()
+        made, self.pending = self.made, self.pending - 1
+        if self.pending <= 0: self.made = None  # the last copy taken: let it go with its backward node
+        return made.view(shape)
+
+@dataclass
+class _Recipe:
+    source: _Recomputed
+    shape: torch.Size
+
+def _may_recompute() -> bool:
+    "A graph is recorded, and no saved-tensor hook of someone else's (checkpointing, offloading) owns what is saved."
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) of an enclosing hook, or None
+    return torch.is_grad_enabled() and (outer is None or getattr(outer[0], "allows_recompute", False))
+
 @contextmanager
 def _recomputed_in_backward(tensor:torch.Tensor, recompute):
     "Within the block, autograd saves `tensor` (or a same-size view of it) as a recipe, and calls `recompute()` in backward."
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) of an enclosing hook, or None
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
-    address, numel = tensor.data_ptr(), tensor.numel()
+    address, numel, source = tensor.data_ptr(), tensor.numel(), _Recomputed(recompute)
     def pack(saved):
-        if saved.data_ptr() == address and saved.numel() == numel and saved.is_contiguous(): return _Recipe(saved.shape)
-        return outer_pack(saved)
-    def unpack(packed):
-        if not isinstance(packed, _Recipe): return outer_unpack(packed)
-        with torch.no_grad(): return recompute().view(packed.shape)
+        if not (saved.data_ptr() == address and saved.numel() == numel and saved.is_contiguous()): return outer_pack(saved)
+        source.pending += 1
+        return _Recipe(source, saved.shape)
+    def unpack(packed): return packed.source.take(packed.shape) if isinstance(packed, _Recipe) else outer_unpack(packed)
+    pack.allows_recompute = True  # nested blocks (the MLP's input and its product) chain
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack): yield
 
-@dataclass
-class _Recipe: shape: torch.Size
+@contextmanager
+def _input_recomputed(x:torch.Tensor):
+    "Within the block, a norm's output `x` is saved as a recipe (see `recompute_norm_outputs`); other inputs as they are."
+    recompute = getattr(x, "_recompute", None)
+    if recompute is None: yield
+    else:
+        with _recomputed_in_backward(x, recompute): yield
 
 def _recomputing_mlp_forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., hidden)
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if not torch.is_grad_enabled() or (outer is not None and not getattr(outer[0], "allows_recompute", False)):
-        return type(self).forward(self, x)  # no graph, or checkpointing / offloading owns what is saved
-    gate, up = self.gate_proj(x), self.up_proj(x)  # (..., intermediate)
-    product = _SwiGLU.apply(gate, up)  # (..., intermediate)
-    with _recomputed_in_backward(product, lambda: F.silu(gate) * up): return self.down_proj(product)  # (..., hidden)
+    if not _may_recompute(): return type(self).forward(self, x)  # no graph, or checkpointing / offloading owns what is saved
+    with _input_recomputed(x):
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (..., intermediate)
+        product = _SwiGLU.apply(gate, up)  # (..., intermediate)
+        with _recomputed_in_backward(product, lambda: F.silu(gate) * up): return self.down_proj(product)  # (..., hidden)
 
 def recompute_swiglu(model:nn.Module) -> int:
     "Make every Llama-style SwiGLU MLP of `model` keep only gate(x) and up(x) for backward; returns how many."
@@ -158,6 +182,25 @@ def recompute_swiglu(model:nn.Module) -> int:
             and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]  # torch's, or transformers' F.silu
     for mlp in mlps: mlp.forward = types.MethodType(_recomputing_mlp_forward, mlp)
     return len(mlps)
+
+def _recipe_leaving_norm_forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., hidden)
+    out = type(self).forward(self, x)  # (..., hidden)
+    if _may_recompute(): out._recompute = lambda: type(self).forward(self, x)  # dies with `out`
+    return out
+
+def _input_recomputing_forward(self, *args, **kwargs):
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    with _input_recomputed(x): return type(self).forward(self, *args, **kwargs)
+
+def recompute_norm_outputs(model:nn.Module) -> int:
+    "Make the attention and MLP of every Llama-style decoder layer save their normed input as a recipe; returns how many layers."
+    layers = [m for m in model.modules() if all(hasattr(m, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))]
+    for layer in layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm): norm.forward = types.MethodType(_recipe_leaving_norm_forward, norm)
+        layer.self_attn.forward = types.MethodType(_input_recomputing_forward, layer.self_attn)
+        if getattr(layer.mlp.forward, "__func__", None) is not _recomputing_mlp_forward:  # that one takes recipes itself
+            layer.mlp.forward = types.MethodType(_input_recomputing_forward, layer.mlp)
+    return len(layers)
 
 # %% ../nbs/02b_memory.ipynb #0289b241
 from transformers import AttentionInterface

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core import cache_dir, check_in, check_range, compute_dtype, default_device
-from .memory import RECOMPUTED_ATTENTION, recompute_swiglu
+from .memory import RECOMPUTED_ATTENTION, recompute_norm_outputs, recompute_swiglu
 from .lora import (LoRAConfig, ModuleToSave, add_lora, find_targets, is_linear, is_quantized,
                            mark_only_lora_as_trainable, trainable_report, _set_module)
 
@@ -152,11 +152,11 @@ def training_attention(device:torch.device, dtype:torch.dtype,
 
 def set_up_training_kernels(model:nn.Module,  # a native model (ours, not PEFT's), before its methods are added
                             attn_implementation:str,  # transformers' name, e.g. from `training_attention`
-                            recompute_mlp:bool=True,  # keep only gate(x) and up(x) of each SwiGLU MLP (`recompute_swiglu`)
+                            recompute:bool=True,  # backward remakes SwiGLU products and norm outputs (see `memory`)
                            ) -> nn.Module:
     "Switch `model` to the attention kernel and activation recompute it trains with; the CLI and `load_for_training` share it."
     model.set_attn_implementation(attn_implementation)
-    if recompute_mlp: recompute_swiglu(model)
+    if recompute: recompute_norm_outputs(model); recompute_swiglu(model)
     return model
 
 def _model_folder(name_or_path:str, seed:int) -> Path:
@@ -178,7 +178,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
                       device:str|torch.device|None=None,  # `default_device()` when None
                       seed:int=0,  # seeds the tiny model
                       attn_implementation:str|None=None,  # transformers' name; None: `training_attention(device, dtype)`
-                      recompute_mlp:bool=True,  # native: keep only gate(x) and up(x) of each SwiGLU MLP (`recompute_swiglu`)
+                      recompute:bool=True,  # native: backward remakes SwiGLU products and norm outputs (`set_up_training_kernels`)
                       **method_kwargs):  # quant_type, blocksize, double_quant, bottleneck_size
     "Load a base model and set it up for `method` on `backend`; return `(model, tokenizer)`."
     check_in(backend, BACKENDS, "backend"); check_in(method, METHODS, "method")
@@ -189,7 +189,7 @@ def load_for_training(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny'
     if backend == "native":
         from qlora_nb.models import load_base
         model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, seed=seed)
-        set_up_training_kernels(model, attn_implementation, recompute_mlp)
+        set_up_training_kernels(model, attn_implementation, recompute)
         return prepare_model(model, method, quantize=quantize, lora_config=lora_config, **method_kwargs), tokenizer
     if method != "lora": raise ValueError(f"backend='peft+bnb' runs method='lora' only, not {method!r}; use backend='native'")
     import peft

@@ -119,7 +119,7 @@ def _bnb_block_absmax(state:QuantState) -> torch.Tensor:
 
 @contextlib.contextmanager
 def exact_matmuls():
-    "Within this block `NF4Linear` never takes the bf16 CPU kernel, nor `DecodeLinear` its row kernel: inference multiplies as training does."
+    "Inside this block inference multiplies as training does: no bf16 kernel in `NF4Linear`, no row kernel in `DecodeLinear`."
     before = NF4Linear.cpu_kernel, DecodeLinear.row_kernel
     NF4Linear.cpu_kernel = DecodeLinear.row_kernel = False
     try: yield
@@ -145,6 +145,7 @@ class DecodeLinear(nn.Linear):
         return layer
 
     def _uses_row_kernel(self, x:torch.Tensor) -> bool:
+        "One fp32 row, autograd off, on the CPU, and a weight big enough to be worth a compiled kernel."
         return (self.row_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
                 and x.dtype == self.weight.dtype == torch.float32 and _fast(x, self.weight.numel()))
 
