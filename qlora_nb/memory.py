@@ -281,6 +281,7 @@ def _storage_key(tensor:torch.Tensor) -> int: return tensor.untyped_storage().da
 def saved_activation_bytes(model:nn.Module,  # the model, set up for training
                            batch_size:int, seq_len:int,  # the probe's shape
                            chunk_size:int|None=None,  # use `chunked_lm_loss` with this chunk; None for the model's own loss
+                           recompute:bool=True,  # False: count what the recompute recipes (SwiGLU, norm outputs) stand for
                           ) -> int:
     "Bytes autograd saves for backward in one forward of `batch_size` × `seq_len` random tokens (weights excluded)."
     weights = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
@@ -289,7 +290,7 @@ def saved_activation_bytes(model:nn.Module,  # the model, set up for training
         key = _storage_key(tensor)
         if key not in weights and key not in saved: saved[key] = tensor.untyped_storage().nbytes()
         return tensor
-    pack.allows_recompute = True  # count what `recompute_swiglu` really keeps
+    pack.allows_recompute = recompute  # the recipes step aside for a hook that does not allow them
     device = next(model.parameters()).device
     was_training = model.training
     model.train()
@@ -372,7 +373,7 @@ class MemoryEstimate:
     def __str__(self): return "\n".join(f"{name:>18}  {human_bytes(n):>11}" for name, n in self.rows())
 
 # %% ../nbs/02b_memory.ipynb #40e68bf9
-CPU_ALLOCATOR_SLACK = 1.0  # measured 0.8-1.4: peak RSS minus live bytes, as a fraction of activations + loss buffers
+CPU_ALLOCATOR_SLACK = 0.8  # measured 0.64-1.06: peak RSS minus live bytes, over unrecomputed activations + loss buffers
 
 @contextmanager
 def _checkpointing_off(model:nn.Module):
@@ -383,6 +384,12 @@ def _checkpointing_off(model:nn.Module):
     try: yield len(innermost)
     finally:
         for module in flagged: module.gradient_checkpointing = True
+
+def _line_through_probes(model:nn.Module, tokens:int, chunk_size:int|None, recompute:bool) -> int:
+    "Saved activation bytes for `tokens` tokens, on the line through probes of 32 and 64 tokens."
+    probe = [saved_activation_bytes(model, 1, length, chunk_size, recompute) for length in (32, 64)]
+    per_token = (probe[1] - probe[0]) / 32
+    return int(max(probe[0] - 32 * per_token, 0) + per_token * tokens)
 
 def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora, prepare_model, ...)
                     batch_size:int,  # sequences per step
@@ -398,11 +405,10 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable: raise ValueError(f"{type(model).__name__} trains nothing; set it up first (add_lora, prepare_model)")
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    with _checkpointing_off(model) as layers:
-        probe = [saved_activation_bytes(model, 1, length, chunk_size) for length in (32, 64)]
-    per_token = (probe[1] - probe[0]) / 32
-    constant = max(probe[0] - 32 * per_token, 0)
     tokens = batch_size * seq_len
+    with _checkpointing_off(model) as layers:
+        activations = _line_through_probes(model, tokens, chunk_size, recompute=True)
+        allocated = _line_through_probes(model, tokens, chunk_size, recompute=False)  # recomputed tensors are made too
     vocab, device = model.config.vocab_size, next(model.parameters()).device
     if chunk_size is None:  # the model's own loss: fp32 logits stay alive in its output, backward makes two more (tokens, V)
         loss_buffers = 3 * tokens * vocab * 4
@@ -410,12 +416,11 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
         autocast = torch.is_autocast_enabled(device.type)
         logit_bytes = torch.get_autocast_dtype(device.type).itemsize if autocast else model.get_output_embeddings().weight.element_size()
         loss_buffers = min(chunk_size, tokens) * vocab * logit_bytes
-    activations = unchecked = int(constant + per_token * tokens)
     if layers:  # each layer keeps only its input, and backward recomputes one layer's activations at a time
         residual_bytes = tokens * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
         activations = activations // layers + layers * residual_bytes
     slack = (CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0.0) if allocator_slack is None else allocator_slack
-    fragmented = unchecked if device.type == "cpu" else activations  # freed by checkpointing, kept by glibc
+    fragmented = allocated if device.type == "cpu" else activations  # freed by recompute and checkpointing, kept by glibc
     return MemoryEstimate(weights_by_dtype=weight_bytes_by_dtype(model), trainable_params=sum(p.numel() for p in trainable),
                           gradients=grad_bytes, optimizer_state=2 * grad_bytes if optimizer == "adamw" else 0,
                           activations=activations, loss_buffers=loss_buffers,
