@@ -192,11 +192,14 @@ def _input_recomputing_forward(self, *args, **kwargs):
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     with _input_recomputed(x): return type(self).forward(self, *args, **kwargs)
 
+_LLAMA_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
 def recompute_norm_outputs(model:nn.Module) -> int:
-    "Make the attention and MLP of every Llama-style decoder layer save their normed input as a recipe; returns how many layers."
-    layers = [m for m in model.modules() if all(hasattr(m, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))]
+    "Make the attention and MLP of each Llama-style decoder layer save their normed input as a recipe; returns how many layers."
+    layers = [m for m in model.modules() if all(hasattr(m, part) for part in _LLAMA_LAYER_PARTS)]
     for layer in layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm): norm.forward = types.MethodType(_recipe_leaving_norm_forward, norm)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.forward = types.MethodType(_recipe_leaving_norm_forward, norm)
         layer.self_attn.forward = types.MethodType(_input_recomputing_forward, layer.self_attn)
         if getattr(layer.mlp.forward, "__func__", None) is not _recomputing_mlp_forward:  # that one takes recipes itself
             layer.mlp.forward = types.MethodType(_input_recomputing_forward, layer.mlp)
