@@ -107,8 +107,7 @@ def to_bnb_4bit(model):
         layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True, module=layer)
         if linear.bias is not None: layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.to("cpu"))
+        model.set_submodule(name, layer.to("cpu"))
     return model.eval()
 
 

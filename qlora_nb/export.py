@@ -12,7 +12,7 @@ from torch import nn
 from safetensors.torch import save_file
 
 from .core import atomic_dir, check_in, set_seed
-from .lora import _set_module, is_quantized, load_adapter, merge_lora
+from .lora import is_quantized, load_adapter, merge_lora
 from .models import load_base, resolve_model_path
 from .quant_linear import exact_matmuls, quantize_model
 
@@ -70,7 +70,7 @@ def dequantize_model(model:nn.Module) -> nn.Module:
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=module.weight.device)
         dense.weight.copy_(module.dequantize().float())
         if module.bias is not None: dense.bias.copy_(module.bias.float())
-        _set_module(model, name, dense.requires_grad_(False))
+        model.set_submodule(name, dense.requires_grad_(False))
     return model
 
 # %% ../nbs/14_export.ipynb #cf0ea7a7

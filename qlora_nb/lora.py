@@ -233,9 +233,7 @@ class ModuleToSave(nn.Module):
     @property
     def weight(self): return self.trained.weight
 
-def _set_module(model:nn.Module, name:str, module:nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+
 
 # %% ../nbs/02_lora.ipynb #55f87d37
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -309,9 +307,9 @@ def add_lora(model:nn.Module,  # any causal LM (or module) with linear layers, p
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
     for name in names:
         base = model.get_submodule(name)
-        _set_module(model, name, LoRALinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                                            use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init))
-    for name in save_names: _set_module(model, name, ModuleToSave(model.get_submodule(name)))
+        model.set_submodule(name, LoRALinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                                             use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init))
+    for name in save_names: model.set_submodule(name, ModuleToSave(model.get_submodule(name)))
     model.lora_config = config
     return mark_only_lora_as_trainable(model)
 
@@ -321,9 +319,9 @@ def _unwrap(model:nn.Module, merge:bool) -> nn.Module:
         if isinstance(module, LoRALinear):
             if merge and not module.merged: module.merge()
             if not merge and module.merged: module.unmerge()
-            _set_module(model, name, module.base_layer)
+            model.set_submodule(name, module.base_layer)
         elif isinstance(module, ModuleToSave):
-            _set_module(model, name, module.trained if merge else module.original_module)
+            model.set_submodule(name, module.trained if merge else module.original_module)
     if hasattr(model, "lora_config"): del model.lora_config
     return model
 

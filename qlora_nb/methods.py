@@ -13,7 +13,7 @@ from torch import nn
 from .core import cache_dir, check_in, check_range, compute_dtype, default_device
 from .memory import RECOMPUTED_ATTENTION, recompute_norm_outputs, recompute_swiglu
 from .lora import (LoRAConfig, ModuleToSave, add_lora, find_targets, is_linear, is_quantized,
-                           mark_only_lora_as_trainable, trainable_report, _set_module)
+                           mark_only_lora_as_trainable, trainable_report)
 
 # %% auto #0
 __all__ = ['METHODS', 'BACKENDS', 'BottleneckAdapter', 'decoder_layers', 'add_adapters', 'remove_adapters', 'add_bitfit',
@@ -115,7 +115,7 @@ def feature_extraction(model:nn.Module,  # a causal LM
     if name is None or name not in dict(model.named_modules()):
         raise ValueError(f"head={head!r} names no module of {type(model).__name__}")
     model.requires_grad_(False)
-    _set_module(model, name, ModuleToSave(model.get_submodule(name)))
+    model.set_submodule(name, ModuleToSave(model.get_submodule(name)))
     return model
 
 # %% ../nbs/02a_methods.ipynb #353c21b3

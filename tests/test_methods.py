@@ -26,8 +26,7 @@ def dequantized(model):
         if isinstance(module, NF4Linear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             with torch.no_grad(): linear.weight.copy_(module.dequantize())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, linear)
+            model.set_submodule(name, linear)
     return model
 
 
