@@ -408,11 +408,10 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable: raise ValueError(f"{type(model).__name__} trains nothing; set it up first (add_lora, prepare_model)")
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    tokens = batch_size * seq_len
+    tokens, vocab, device = batch_size * seq_len, model.config.vocab_size, next(model.parameters()).device
     with _checkpointing_off(model) as layers:
         activations = _line_through_probes(model, tokens, chunk_size, recompute=True)
-        allocated = _line_through_probes(model, tokens, chunk_size, recompute=False)  # recomputed tensors are made too
-    vocab, device = model.config.vocab_size, next(model.parameters()).device
+        cpu_allocated = _line_through_probes(model, tokens, chunk_size, recompute=False) if device.type == "cpu" else None
     if chunk_size is None:  # the model's own loss: fp32 logits stay alive in its output, backward makes two more (tokens, V)
         loss_buffers = 3 * tokens * vocab * 4
     else:  # one chunk of logits, in the autocast dtype or the head's, overwritten in place by their gradient
@@ -423,7 +422,7 @@ def estimate_memory(model:nn.Module,  # the model, set up for training (add_lora
         residual_bytes = tokens * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
         activations = activations // layers + layers * residual_bytes
     slack = (CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0.0) if allocator_slack is None else allocator_slack
-    fragmented = allocated if device.type == "cpu" else activations  # freed by recompute and checkpointing, kept by glibc
+    fragmented = activations if cpu_allocated is None else cpu_allocated  # freed by recompute and checkpointing, kept by glibc
     return MemoryEstimate(weights_by_dtype=weight_bytes_by_dtype(model), trainable_params=sum(p.numel() for p in trainable),
                           gradients=grad_bytes, optimizer_state=2 * grad_bytes if optimizer == "adamw" else 0,
                           activations=activations, loss_buffers=loss_buffers,
