@@ -1,6 +1,6 @@
 # qlora_nb: every target sets up what it needs, from nothing.
 #   make demo   QLoRA fine-tune of the embedded model on the embedded data
-#   make test   the whole suite: notebooks in sync, nbdev_test, pytest
+#   make test   the whole suite: notebooks in sync, lint, nbdev_test, pytest
 #   make lab    JupyterLab on 127.0.0.1 with the project's venv
 #   make docs   the documentation site (quarto when on PATH, else the offline build)
 SHELL := /bin/bash
@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lab docs setup model browser sync-check nbtest pytest bench clean-venv
+.PHONY: demo test lab docs setup model browser redis sync-check lint nbtest pytest bench clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium could not be installed: the browser tests will skip"; }
 
+# Debian's redis-server for the serving cache tests (each test starts its own on a random port). Without root or apt
+# those tests skip and say why.
+redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+	  || echo "redis-server could not be installed: the redis cache tests will skip"; }
+
 # The package and README.md must be what nbdev_export and the docs module make of the notebooks, and the
 # notebooks must be clean: any file these commands change fails the check.
 SYNCED = find nbs qlora_nb README.md -type f \( -name '*.ipynb' -o -name '*.py' -o -name README.md \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
@@ -53,16 +59,20 @@ sync-check: $(STAMP)
 	  diff <(echo "$$before") <(echo "$$after") | grep '^[<>]' | awk '{print "  " $$3}' | sort -u; exit 1; \
 	else echo "ok: nbdev_clean and nbdev_export leave no diff"; fi
 
+# pyflakes' checks (unused imports and names, redefinitions, undefined names) and syntax errors, on all the Python we keep
+lint: $(STAMP)
+	$(BIN)/ruff check --quiet --select F,E9 qlora_nb tests bench data
+
 # `slow` cells (the real 135M model) run here too; `cuda` cells only where a GPU is. Two notebooks run at once,
 # one thread each: the tiny model's matrices gain nothing from a second thread on a busy core.
 NBTEST_FLAGS := slow $(shell command -v nvidia-smi >/dev/null && echo cuda)
 nbtest: $(STAMP) model
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))"
 
-pytest: $(STAMP) model browser
+pytest: $(STAMP) model browser redis
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q -ra
 
-test: sync-check nbtest pytest
+test: sync-check lint nbtest pytest
 
 demo: $(STAMP) model
 	$(BIN)/qlora-nb train --config configs/demo.yaml

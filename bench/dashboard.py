@@ -1,6 +1,6 @@
 """Step time of a training run with and without the live dashboard, on the tiny model.
 
-"Without" is the run as `qlora-nb train` sets it up (monitors, run log, checkpoints). "With" adds what the dashboard
+"Without" is the run as `recipe.build` makes it for every front-end (monitors, run log, checkpoints). "With" adds what the dashboard
 adds: the `TrainingControl` callback in the loop, and a `RunDashboard` following the run log in its poller thread,
 redrawing its plotly FigureWidget at most twice a second. Runs alternate (A B A B ...) so that load on the machine
 hits both alike; we compare the median step time (ThroughputMonitor's `step_time`) and print the ratio.
@@ -17,14 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora_nb.dashboard import RunDashboard, TrainingControl, cli_run, default_run_config
+from qlora_nb.callback.control import TrainingControl
+from qlora_nb.dashboard import RunDashboard, default_run_config
+from qlora_nb.recipe import build
 
 
-def one_run(run_dir: Path, steps: int, with_dashboard: bool) -> tuple[list[float], int, float]:
-    "Train `steps` steps; return the step times after the first 5 (warm-up), the number of redraws, CPU seconds per step."
+def one_run(run_dir: Path, steps: int, with_dashboard: bool) -> tuple[list[float], int, float, float]:
+    "Train `steps` steps; return the step times after the first 5 (warm-up), the redraws, and CPU seconds per step: all, and the dashboard's."
     config = default_run_config(quant="none", max_steps=steps, eval_steps=None, warmup_steps=0)
     control = TrainingControl() if with_dashboard else None
-    trainer = cli_run(config, run_dir, [control] if control else [])
+    trainer = build(dict(config, out=str(run_dir)), callbacks=[control] if control else [], warn=False).trainer
     board = None
     if with_dashboard:
         board = RunDashboard(interval=0.5)
@@ -64,10 +66,10 @@ def main(argv=None):
     print(f"  with dashboard     {with_ * 1e3:8.2f} ms   ({renders} redraws in all)")
     print(f"  ratio with/without {ratio:.3f}  (goal < 1.03: {'met' if ratio < 1.03 else 'NOT met'})")
     cpu_without, cpu_with = statistics.median(cpu[False]), statistics.median(cpu[True])
-    print(f"process CPU time per step (all threads; robust to other load on the machine):")
+    print("process CPU time per step (all threads; robust to other load on the machine):")
     print(f"  without {cpu_without * 1e3:.2f} ms, with {cpu_with * 1e3:.2f} ms, ratio {cpu_with / cpu_without:.3f}")
     own = statistics.median(dashboard_cpu)
-    print(f"the dashboard's own work (log reading and redraws, its thread's CPU time) per training step:")
+    print("the dashboard's own work (log reading and redraws, its thread's CPU time) per training step:")
     print(f"  {own * 1e3:.2f} ms = {own / cpu_without:.2%} of a step's CPU time without it (goal < 3%)")
     return 0
 

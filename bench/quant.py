@@ -9,7 +9,7 @@
    it a `DecodeLinear` (a compiled one-row kernel), bitsandbytes' stack keeps nn.Linear. The per-token line splits
    the time between the head, the 4-bit layers and the rest.
 
-Our dequantize_4bit puts big outputs in transparent huge pages; bitsandbytes and the copy get ordinary pages, as
+Our dequantize_4bit (qlora_nb.kernels) puts big outputs in transparent huge pages; bitsandbytes and the copy get ordinary pages, as
 their users do. To compare the kernels alone, the tensor part runs again in a subprocess with THP_MEM_ALLOC_ENABLE=1,
 which makes PyTorch put every big allocation (bitsandbytes' outputs and the copy too) in huge pages.
 
@@ -30,8 +30,9 @@ warnings.filterwarnings("ignore")
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF  # noqa: E402
 
-from qlora_nb.quant import dequantize_4bit, quantize_4bit  # noqa: E402
-from qlora_nb.quant_linear import NF4Linear, bnb_cpu_kernels, exact_matmuls, quantize_model  # noqa: E402
+from qlora_nb.quant import quantize_4bit  # noqa: E402
+from qlora_nb.kernels import bnb_cpu_kernels, dequantize_4bit, exact_matmuls  # noqa: E402
+from qlora_nb.quant_linear import NF4Linear, quantize_model  # noqa: E402
 
 
 def timed(fn, repeats):

@@ -1,7 +1,7 @@
 """The trainer's overhead (callbacks, run log, monitors, progress bar) against a bare loop doing the same steps.
 
-Both train the same model (SmolLM2-135M with LoRA r=16 on all linear layers, or `--model tiny`) on the same
-batches: collate, forward, backward, clip to max_norm, AdamW step, schedule step, zero_grad. They alternate in
+Both train the same model, built as a run builds it (`recipe.build_model`: SmolLM2-135M with LoRA r=16 on all
+linear layers, or `--model tiny`), on the same batches: collate, forward with the run's chunked loss, backward, clip to max_norm, AdamW step, schedule step, zero_grad. They alternate in
 rounds of `--steps` steps, so machine load affects both alike; we compare the median per-step time of each and
 print the overhead as a ratio, by wall clock and by this process's CPU time (steadier on a shared machine; run
 with OMP_NUM_THREADS=1 so CPU time is not inflated by threads waiting for each other). Goal: under 3%.
@@ -14,19 +14,21 @@ from pathlib import Path
 import torch
 
 from qlora_nb.callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
-from qlora_nb.data import build_datasets, make_collator
-from qlora_nb.lora import LoRAConfig, add_lora
-from qlora_nb.models import load_base
-from qlora_nb.trainer import LRSchedule, RunLog, Trainer, epoch_order
+from qlora_nb.data import make_collator
+from qlora_nb.prepare import build_datasets
+from qlora_nb.loss import causal_lm_loss
+from qlora_nb.recipe import build_model, resolve_config
+from qlora_nb.runlog import RunLog
+from qlora_nb.trainer import LRSchedule, Trainer, epoch_order
 
 
-def bare_steps(model, rows, collate, optimizer, scheduler, order, max_norm):
+def bare_steps(model, rows, collate, optimizer, scheduler, order, max_norm, chunk_size):
     "The same work as Trainer.train_step, with nothing around it."
     params = [p for p in model.parameters() if p.requires_grad]
     for micro_batches in order:
         for indices in micro_batches:
             batch = collate([rows[i] for i in indices])
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step(); optimizer.zero_grad(set_to_none=True); scheduler.step()
@@ -42,11 +44,9 @@ def main():
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
-    model, tokenizer = load_base(args.model, device="cpu", dtype="fp32")
-    if args.quant != "none":
-        from qlora_nb.quant_linear import quantize_model
-        quantize_model(model, quant_type=args.quant)
-    add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05))
+    config = resolve_config(overrides=dict(model=args.model, quant=args.quant, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                                           device="cpu", dtype="fp32"))
+    model, tokenizer = build_model(config)
     model.train()
     data = build_datasets(tokenizer, max_length=args.max_length)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data["train"]]
@@ -57,17 +57,17 @@ def main():
         callbacks = [ThroughputMonitor(), GradientMonitor(), StabilityMonitor(warn=False),
                      RunLog(Path(tmp) / "run.jsonl"), ProgressBar(file=io.StringIO())]
         trainer = Trainer(model, rows, collate, callbacks=callbacks, batch_size=args.batch_size, max_steps=total,
-                          lr=2e-4, warmup_steps=2, device="cpu", dtype="fp32", max_norm=0.3)
+                          lr=2e-4, warmup_steps=2, device="cpu", dtype="fp32", max_norm=0.3, loss_chunk_size=config["loss_chunk_size"])
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=2e-4)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule("cosine", 2, total))
         order = epoch_order(len(rows), 0, 0, args.batch_size)
         bare_times, trainer_times, bare_cpu, trainer_cpu = [], [], [], []
-        bare_steps(model, rows, collate, optimizer, scheduler, order[:1], 0.3)  # warm up allocator and kernels
+        bare_steps(model, rows, collate, optimizer, scheduler, order[:1], 0.3, trainer.loss_chunk_size)  # warm up allocator and kernels
         for round_index in range(args.rounds):
             steps = order[round_index * args.steps:(round_index + 1) * args.steps]
             start, cpu_start = time.perf_counter(), time.process_time()
-            bare_steps(model, rows, collate, optimizer, scheduler, steps, 0.3)
+            bare_steps(model, rows, collate, optimizer, scheduler, steps, 0.3, trainer.loss_chunk_size)
             bare_times.append((time.perf_counter() - start) / args.steps); bare_cpu.append((time.process_time() - cpu_start) / args.steps)
             trainer.max_steps = (round_index + 1) * args.steps
             start, cpu_start = time.perf_counter(), time.process_time()

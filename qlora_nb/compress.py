@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_compress.ipynb #bcb0f135
 from __future__ import annotations
-import copy, math
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from .core import check_range, check_in
 from .lora import LoRALinear, ModuleToSave, merge_lora
-from .evaluate import perplexity
+from .metrics import perplexity
 
 # %% auto #0
 __all__ = ['distillation_loss', 'Distiller', 'merged_teacher', 'prunable_linears', 'magnitude_prune', 'sparsity_of',
@@ -110,7 +110,7 @@ def pruning_report(model:nn.Module, tokenizer,
                    text:str,  # held-out text for perplexity, e.g. data/general.txt
                    sparsities=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9),
                    scope:str="global",
-                   window:int=256, max_tokens:int|None=1024,  # as in `evaluate.perplexity`
+                   window:int=256, max_tokens:int|None=1024,  # as in `metrics.perplexity`
                    ) -> list[dict]:
     "Perplexity of `model` pruned to each sparsity (a copy each time): rows of sparsity, reached sparsity, perplexity."
     for s in sparsities: check_range(s, "sparsity", low=0, high=1, high_open=True)

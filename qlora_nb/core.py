@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #dc545da0
 from __future__ import annotations
-import contextlib, os, random, shutil, tempfile, uuid
+import contextlib, os, random, shutil, uuid, warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir', 'atomic_dir', 'default_device', 'cpu_has_fast_bf16',
-           'compute_dtype', 'human_bytes', 'trim_heap']
+__all__ = ['COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir', 'atomic_dir', 'default_device',
+           'cpu_has_fast_bf16', 'compute_dtype', 'human_bytes', 'trim_heap', 'maybe_compiled']
 
 # %% ../nbs/00_core.ipynb #4734fff1
 def set_seed(seed:int=0,  # the seed for python, numpy and torch (all devices)
@@ -142,3 +142,24 @@ def trim_heap() -> bool:
     import ctypes
     try: return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError): return False
+
+# %% ../nbs/00_core.ipynb #5cf6b353
+COMPILE_MIN_NUMEL = 1 << 20  # tensors at least this big take the torch.compile path on the CPU
+_compiled_fns = {}  # fn -> its compiled version, or None where compiling failed
+
+def maybe_compiled(fn,  # a function of tensors that torch.compile can trace whole (fullgraph)
+                   device:torch.device,  # where its tensors live
+                   numel:int,  # size of the work, in values
+                   fast:bool|None,  # True: compile; False: eager; None: compile on the CPU from COMPILE_MIN_NUMEL values
+                   ) -> tuple:
+    "`(fn compiled with inductor, True)` when `fast` asks for it and a compiler works here, else `(fn, False)`."
+    if fast is None: fast = device.type == "cpu" and numel >= COMPILE_MIN_NUMEL
+    if not fast: return fn, False
+    if fn not in _compiled_fns:
+        # kernels index tables with bytes and small ranks, always in range: skip inductor's bounds checks
+        try: _compiled_fns[fn] = torch.compile(fn, fullgraph=True, options={"assert_indirect_indexing": False})
+        except Exception as e:  # no compiler here: eager computes the same values
+            warnings.warn(f"torch.compile unavailable ({e}); {fn.__name__} runs in eager mode")
+            _compiled_fns[fn] = None
+    compiled = _compiled_fns[fn]
+    return (compiled, True) if compiled is not None else (fn, False)

@@ -91,7 +91,7 @@ def _skipped_when_run(cell, flags:tuple) -> bool:
     marks = _directives(cell.source)
     return any(flag in marks for flag in flags) or str(marks.get("eval", "")).lower() == "false"
 
-# %% ../nbs/10_docs.ipynb #18a6c13c
+# %% ../nbs/10_docs.ipynb #536c50c6
 def _settings(root:Path) -> dict:
     "settings.ini's [DEFAULT] section."
     import configparser
@@ -106,6 +106,7 @@ def _package_hash(root:Path) -> str:
     for path in sorted(lib.rglob("*.py")): digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
+# %% ../nbs/10_docs.ipynb #969ca162
 def execute_notebook(notebook:Path|str,  # the notebook to run
                      executed_dir:Path|str,  # where executed copies are kept
                      flags:tuple=("slow", "cuda"),  # cells carrying these are left out, as in nbdev_test
@@ -139,7 +140,7 @@ def execute_notebook(notebook:Path|str,  # the notebook to run
     os.replace(partial, done)  # atomic: a copy under its final name is always complete
     return done
 
-# %% ../nbs/10_docs.ipynb #331564eb
+# %% ../nbs/10_docs.ipynb #d4e3b499
 def exported_symbols(source:str,  # an export cell's code
                      module,  # the module it was exported to
                      ) -> list[tuple[str, object]]:
@@ -159,6 +160,7 @@ def exported_symbols(source:str,  # an export cell's code
         elif node.name in public: found.append((node.name, getattr(module, node.name)))
     return found
 
+# %% ../nbs/10_docs.ipynb #d4426918
 def _source_url(obj, settings:dict) -> str|None:
     "The line of `obj` in the repository, on GitHub."
     try:
@@ -237,7 +239,7 @@ def page_cells(nb, module=None, settings:dict|None=None, page:str="page") -> lis
                 cells.append(doc)
     return cells
 
-# %% ../nbs/10_docs.ipynb #e984877f
+# %% ../nbs/10_docs.ipynb #c2c4c7f8
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title} – {site}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <script src="{root}plotly.min.js"></script><style>{css}</style></head>
@@ -259,6 +261,7 @@ def _page_title(nb, fallback:str) -> str:
         if cell.cell_type == "markdown" and cell.source.startswith("# "): return cell.source.splitlines()[0][2:].strip()
     return fallback
 
+# %% ../nbs/10_docs.ipynb #f54357e5
 def _link_pages(body:str) -> str:
     "Point links to notebooks at their pages."
     return re.sub(r'href="(?!https?:)([^"#]+)\.ipynb(#[^"]*)?"', lambda m: f'href="{m[1]}.html{m[2] or ""}"', body)
@@ -335,39 +338,26 @@ def _nav(sections, titles:dict, current:str, root:str) -> str:
     nav = "".join((f"<h4>{html.escape(title)}</h4>" if title else "") + "".join(entry(n) for n in names) for title, names in sections)
     return nav + f'<h4>Reference</h4><a href="{root}api.html"{" class=current" if current == "api" else ""}>API index</a>'
 
-# %% ../nbs/10_docs.ipynb #f46515f1
-def build_site(nbs_path:Path|str="nbs",  # the notebooks
-               out:Path|str="_docs",  # the site folder, replaced
-               quarto_yml:Path|str="_quarto.yml",  # where the sidebar and title come from
-               execute:str="tutorials/*",  # notebooks to run before rendering: a glob, "all" or "none"
-               executed_dir:Path|str="build/executed",  # where executed copies are kept and reused
-               workers:int=2,  # notebooks executed at once
-               log=print,  # where progress lines go
-               failures:list|None=None,  # notebooks that failed to execute are added here (their stored copy is shown)
-               ) -> list[Path]:
-    "Render every notebook to an HTML page with the sidebar, executed copies where `execute` says; return the pages written."
-    failures = failures if failures is not None else []
-    from nbconvert import HTMLExporter
-    from pygments.formatters import HtmlFormatter
-    from traitlets.config import Config
-    nbs_path, out, quarto_yml, executed_dir = Path(nbs_path).resolve(), Path(out).resolve(), Path(quarto_yml).resolve(), Path(executed_dir).resolve()
-    root_dir = quarto_yml.parent
-    settings = _settings(root_dir)
-    sections = sidebar_pages(quarto_yml, nbs_path)
-    site = yaml.safe_load(quarto_yml.read_text())["website"]["title"]
-    names = [name for _, group in sections for name in group]
-    to_run = [] if execute == "none" else [n for n in names if execute == "all" or fnmatch.fnmatch(n, execute) or fnmatch.fnmatch(n, execute + ".ipynb")]
-    flags = tuple(settings.get("tst_flags", "").split())
-    package_hash = _package_hash(root_dir) if to_run else ""
-    executed = {}
-    if to_run:
-        log(f"executing {len(to_run)} notebook(s) into {executed_dir} (reused when unchanged)")
-        def run(name):
-            try: return execute_notebook(nbs_path / name, Path(executed_dir) / Path(name).parent, flags, package_hash)
-            except RuntimeError as e:  # the page shows the stored notebook; the failure is reported, not hidden
-                failures.append(str(e)); log(f"warning: {e}; its page shows the stored notebook")
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            executed = {name: path for name, path in zip(to_run, pool.map(run, to_run)) if path is not None}
+# %% ../nbs/10_docs.ipynb #30594d1d
+def _selected(names:list[str], execute:str) -> list[str]:
+    "The notebooks of `names` that `execute` picks: a glob (with or without `.ipynb`), 'all' or 'none'."
+    return [] if execute == "none" else [n for n in names if execute == "all" or fnmatch.fnmatch(n, execute) or fnmatch.fnmatch(n, execute + ".ipynb")]
+
+def _execute_selected(to_run:list[str], nbs_path:Path, executed_dir:Path, flags:tuple, package_hash:str,
+                      workers:int, log, failures:list) -> dict[str, Path]:
+    "Run `to_run` in `workers` threads; {name: executed copy}, without the notebooks that failed (added to `failures`)."
+    if not to_run: return {}
+    log(f"executing {len(to_run)} notebook(s) into {executed_dir} (reused when unchanged)")
+    def run(name):
+        try: return execute_notebook(nbs_path / name, Path(executed_dir) / Path(name).parent, flags, package_hash)
+        except RuntimeError as e:  # the page shows the stored notebook; the failure is reported, not hidden
+            failures.append(str(e)); log(f"warning: {e}; its page shows the stored notebook")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return {name: path for name, path in zip(to_run, pool.map(run, to_run)) if path is not None}
+
+# %% ../nbs/10_docs.ipynb #f63a9748
+def _read_pages(names:list[str], executed:dict, nbs_path:Path, settings:dict) -> tuple[dict, dict, dict, dict]:
+    "For each notebook (its executed copy where there is one): the notebook, its title and page cells; and the documented symbols."
     notebooks = {name: nbformat.read(executed.get(name, nbs_path / name), as_version=4) for name in names}
     titles = {name: _page_title(nb, Path(name).stem) for name, nb in notebooks.items()}
     modules = {name: _module_of(nb, settings) for name, nb in notebooks.items()}
@@ -376,13 +366,24 @@ def build_site(nbs_path:Path|str="nbs",  # the notebooks
         page_nbs[name] = page_cells(nb, modules[name], settings, page=re.sub(r"\W", "-", name[:-6]))
         for cell in page_nbs[name]:
             if cell.source.startswith("show_doc("): symbols[cell.source[9:-1]] = f"{name[:-6]}.html#{doc_anchor(cell.source[9:-1])}"
+    return notebooks, titles, page_nbs, symbols
+
+# %% ../nbs/10_docs.ipynb #98c91a87
+def _html_exporter():
+    "nbconvert's basic HTML exporter, with the `remove_input` and `remove_output` tags applied."
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
     config = Config()
     config.TagRemovePreprocessor.enabled = True
     config.TagRemovePreprocessor.remove_input_tags = ("remove_input",)
     config.TagRemovePreprocessor.remove_all_outputs_tags = ("remove_output",)
     # the template runs bleach over every highlighted code cell (seconds a page); these are our own notebooks, not untrusted input
-    exporter = HTMLExporter(config=config, template_name="basic", filters={"clean_html": lambda text: text.decode() if isinstance(text, bytes) else str(text)})
-    css = _CSS + HtmlFormatter().get_style_defs(".highlight")
+    return HTMLExporter(config=config, template_name="basic", filters={"clean_html": lambda text: text.decode() if isinstance(text, bytes) else str(text)})
+
+def _write_pages(out:Path, page_nbs:dict, notebooks:dict, titles:dict, sections:list, symbols:dict, site:str) -> list[Path]:
+    "Write one page per notebook and `api.html` into `out` (replaced); return the pages written."
+    from pygments.formatters import HtmlFormatter
+    exporter, css = _html_exporter(), _CSS + HtmlFormatter().get_style_defs(".highlight")
     if out.exists(): shutil.rmtree(out)
     written = []
     for name, cells in page_nbs.items():
@@ -399,7 +400,32 @@ def build_site(nbs_path:Path|str="nbs",  # the notebooks
                     for sym, target in sorted(symbols.items(), key=lambda kv: kv[0].lower()))
     (out / "api.html").write_text(_PAGE.format(title="API index", site=html.escape(site), root="", css=css, nav=_nav(sections, titles, "api", ""),
                                                body=f"<h1>API index</h1><ul>{index}</ul>"), encoding="utf-8")
-    written.append(out / "api.html")
+    return written + [out / "api.html"]
+
+# %% ../nbs/10_docs.ipynb #eb91cb65
+def build_site(nbs_path:Path|str="nbs",  # the notebooks
+               out:Path|str="_docs",  # the site folder, replaced
+               quarto_yml:Path|str="_quarto.yml",  # where the sidebar and title come from
+               execute:str="tutorials/*",  # notebooks to run before rendering: a glob, "all" or "none"
+               executed_dir:Path|str="build/executed",  # where executed copies are kept and reused
+               workers:int=2,  # notebooks executed at once
+               log=print,  # where progress lines go
+               failures:list|None=None,  # notebooks that failed to execute are added here (their stored copy is shown)
+               ) -> list[Path]:
+    "Render every notebook to an HTML page with the sidebar, executed copies where `execute` says; return the pages written."
+    failures = failures if failures is not None else []
+    nbs_path, out, quarto_yml, executed_dir = Path(nbs_path).resolve(), Path(out).resolve(), Path(quarto_yml).resolve(), Path(executed_dir).resolve()
+    root_dir = quarto_yml.parent
+    settings = _settings(root_dir)
+    sections = sidebar_pages(quarto_yml, nbs_path)
+    site = yaml.safe_load(quarto_yml.read_text())["website"]["title"]
+    names = [name for _, group in sections for name in group]
+    to_run = _selected(names, execute)
+    flags = tuple(settings.get("tst_flags", "").split())
+    package_hash = _package_hash(root_dir) if to_run else ""
+    executed = _execute_selected(to_run, nbs_path, executed_dir, flags, package_hash, workers, log, failures)
+    notebooks, titles, page_nbs, symbols = _read_pages(names, executed, nbs_path, settings)
+    written = _write_pages(out, page_nbs, notebooks, titles, sections, symbols, site)
     _copy_plotly_js(out)
     broken = broken_links(out)
     if broken: log(f"warning: {len(broken)} broken internal link(s):\n  " + "\n  ".join(broken[:20]))

@@ -4,23 +4,28 @@
 
 # %% ../nbs/08_explore.ipynb #9855a88c
 from __future__ import annotations
-import html, math, threading, time
+import contextlib, html, json, math, time
 from pathlib import Path
-from typing import Callable
 
 import ipywidgets as widgets
-import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .core import check_in, check_range, data_dir, human_bytes, set_seed
+from .core import check_in, check_range, data_dir, human_bytes
 from .quant import BLOCKSIZES, codebook
 from .quant_analysis import QUANT_TYPES, quantization_error, roundtrip
+from .models import load_base
+from .runlog import read_run_log
+from .metrics import perplexity
+from .memory import MemoryEstimate, estimate_memory
+from .recipe import build_model, resolve_config, resolve_device
+from .dashboard import RunForm, check_run_config, default_run_config
 
 # %% auto #0
-__all__ = ['SOURCES', 'ESTIMATOR_FIELDS', 'random_weights', 'linear_weights', 'analyze', 'comparison_table',
-           'quantized_perplexity', 'QuantExplorer', 'load_base_cpu', 'measured_memory', 'MemoryEstimator']
+__all__ = ['SOURCES', 'ESTIMATOR_FIELDS', 'random_weights', 'load_base_cpu', 'linear_weights', 'analyze', 'comparison_table',
+           'quantized_perplexity', 'WeightPicker', 'ShowsWidget', 'QuantExplorer', 'measured_memory', 'run_config',
+           'estimate_run_memory', 'MemoryEstimator']
 
 # %% ../nbs/08_explore.ipynb #4a9bc283
 SOURCES = ("model layer", "random normal", "random heavy-tailed")
@@ -34,6 +39,10 @@ def random_weights(kind:str="normal",  # 'normal' or 'heavy-tailed' (Student's t
     normal = torch.randn(shape, generator=generator)  # Student's t = normal / sqrt(chi2(ν)/ν), drawn from the same generator
     chi2 = torch.randn((*shape, 3), generator=generator).pow(2).sum(-1)  # chi-squared with 3 degrees of freedom
     return normal / (chi2 / 3).sqrt() * std / math.sqrt(3)  # t(3) has variance 3
+
+def load_base_cpu(name:str):
+    "`load_base` on the CPU in fp32 (the explorer's measurements need no GPU)."
+    return load_base(name, device="cpu", dtype="fp32")
 
 def linear_weights(model:torch.nn.Module) -> dict[str, torch.Tensor]:
     "The 2-D weight of every linear layer of `model`, by module name (the output head included)."
@@ -76,7 +85,6 @@ def quantized_perplexity(model, tokenizer,
                          skip:tuple=("lm_head",),  # layers left in full precision, as `quantize_model` does
                          ) -> dict:
     "Perplexity on the held-out general text with full-precision weights and with `quant_type` weights."
-    from qlora_nb.evaluate import perplexity
     check_range(max_tokens, "max_tokens", low=16)
     text = data_dir() / "general.txt"
     score = lambda: perplexity(model, tokenizer, text, window=min(256, max_tokens), max_tokens=max_tokens)
@@ -94,7 +102,13 @@ def quantized_perplexity(model, tokenizer,
     return dict(base=base, quantized=quantized, change=quantized / base - 1, layers=len(originals), quant_type=quant_type,
                 blocksize=blocksize, double_quant=double_quant, max_tokens=max_tokens, seconds=time.perf_counter() - start)
 
-# %% ../nbs/08_explore.ipynb #e6a48807
+def _perplexity_html(name:str, effect:dict) -> str:
+    "One line on the perplexity `effect` (a `quantized_perplexity` result) of the model `name`."
+    return (f"perplexity of {html.escape(name)} on {effect['max_tokens']} tokens of the general text: "
+            f"<b>{effect['base']:.3f}</b> full precision → <b>{effect['quantized']:.3f}</b> with {effect['quant_type']} "
+            f"({effect['change']:+.2%}, {effect['layers']} layers, {effect['seconds']:.1f} s)")
+
+# %% ../nbs/08_explore.ipynb #39573b85
 def _histogram(values:torch.Tensor, bins:int, low:float, high:float) -> tuple[list, list]:
     "Bin centres and counts (as fractions of all values) of `values` in [low, high]."
     if high <= low: high = low + 1e-12
@@ -108,45 +122,78 @@ def _grouped(values:torch.Tensor, max_points:int) -> tuple[list, list]:
     padded = torch.nn.functional.pad(values, (0, -values.numel() % group), value=-math.inf).view(-1, group)  # (points, group)
     return [i * group for i in range(padded.shape[0])], padded.amax(1).tolist()
 
-class QuantExplorer:
-    "Widgets to quantize a model layer or a random tensor with nf4/fp4/int4/int8 and see the error."
+# %% ../nbs/08_explore.ipynb #bd19f8db
+def _explorer_figure() -> go.FigureWidget:
+    "The four panels with placeholder traces: weights and code levels, error, RMS error per block, SQNR by type."
+    figure = make_subplots(rows=2, cols=2, vertical_spacing=0.14, horizontal_spacing=0.1,
+                           subplot_titles=("weights / block absmax, with the code levels", "error (dequantized − original)",
+                                           "RMS error per block", "SQNR by type (dB)"))
+    figure.add_trace(go.Bar(x=[], y=[], name="weights", marker_color="#1f77b4", showlegend=False), 1, 1)
+    figure.add_trace(go.Scatter(x=[], y=[], mode="lines", name="code levels", line=dict(color="#d62728", width=1), opacity=0.7,
+                                showlegend=False), 1, 1)
+    figure.add_trace(go.Bar(x=[], y=[], name="error", marker_color="#ff7f0e", showlegend=False), 1, 2)
+    figure.add_trace(go.Scatter(x=[], y=[], mode="lines", name="block RMS error", line=dict(color="#2ca02c", width=1), showlegend=False), 2, 1)
+    figure.add_trace(go.Bar(x=list(range(len(QUANT_TYPES))), y=[0] * 4, name="SQNR", marker_color=["#bbb"] * 4, showlegend=False, text=[""] * 4,
+                            textposition="outside"), 2, 2)
+    figure.update_layout(height=620, margin=dict(l=50, r=20, t=40, b=40), template="plotly_white", bargap=0)
+    figure.update_xaxes(title_text="block", row=2, col=1)
+    # numbered bars with named ticks: category names sent through the widget arrive as numbers in some frontends
+    figure.update_xaxes(tickvals=list(range(len(QUANT_TYPES))), ticktext=list(QUANT_TYPES), row=2, col=2)
+    return go.FigureWidget(figure)
+
+# %% ../nbs/08_explore.ipynb #0de372ce
+def _draw_analysis(fig:go.FigureWidget, analyses:dict,  # quant type -> `analyze` result, as `comparison_table` returns
+                   quant_type:str, blocksize:int,  # the type drawn (and highlighted) and its blocksize
+                   bins:int=101, max_blocks:int=2000):  # histogram bins; points in the per-block panel
+    "Redraw the four panels for the `quant_type` analysis, in one batch update."
+    chosen = analyses[quant_type]
+    w = chosen["weights"]
+    blocks = torch.nn.functional.pad(w, (0, -w.numel() % blocksize)).view(-1, blocksize)  # (blocks, blocksize)
+    scaled = (blocks / blocks.abs().amax(1, keepdim=True).clamp_min(1e-38)).flatten()[:w.numel()]  # (n,) in [-1, 1]
+    hist_x, hist_y = _histogram(scaled, bins, -1.0, 1.0)
+    top = max(hist_y) if hist_y else 1.0
+    levels_x, levels_y = [], []
+    for level in sorted(codebook(quant_type).tolist()): levels_x += [level, level, None]; levels_y += [0, top, None]
+    bound = max(float(chosen["error"].abs().max()), 1e-12)
+    error_x, error_y = _histogram(chosen["error"], bins, -bound, bound)
+    block_x, block_y = _grouped(chosen["block_rmse"], max_blocks)
+    sqnr = [analyses[t]["sqnr_db"] for t in QUANT_TYPES]
+    with fig.batch_update():
+        data = fig.data
+        data[0].x, data[0].y = hist_x, hist_y
+        data[1].x, data[1].y = levels_x, levels_y
+        data[2].x, data[2].y = error_x, error_y
+        data[3].x, data[3].y = block_x, block_y
+        data[1].opacity = 0.7 if len(levels_x) < 100 else 0.25  # int8's 255 levels would hide the histogram
+        data[4].y = [min(s, 200) for s in sqnr]
+        data[4].text = [f"{s:.1f}" for s in sqnr]
+        data[4].marker.color = ["#d62728" if t == quant_type else "#bbb" for t in QUANT_TYPES]
+        fig.layout.annotations[0].text = f"weights / block absmax, {codebook(quant_type).numel()} {quant_type} levels"
+
+def _stats_html(name:str, chosen:dict, quant_type:str, blocksize:int) -> str:
+    "The numbers under the figure: size and error of the `chosen` analysis."
+    return (f"<b>{html.escape(name)}</b>, {quant_type}, blocksize {blocksize}"
+            f"{', double quant' if chosen['double_quant'] else ''}: <b>{chosen['bits_per_param']:.3f} bits/param</b>, "
+            f"{human_bytes(chosen['nbytes'])} (fp16: {human_bytes(2 * chosen['numel'])}); MSE {chosen['mse']:.3e}, "
+            f"max |error| {chosen['max_abs']:.3e}, SQNR {chosen['sqnr_db']:.2f} dB")
+
+# %% ../nbs/08_explore.ipynb #fa257423
+class WeightPicker:
+    "Controls choosing the tensor to quantize, a model's linear layer or a seeded random matrix; `update` runs on each change."
     def __init__(self, model:str="tiny",  # 'tiny', 'smollm2-135m' or a local model folder
-                 source:str="model layer", bins:int=101, max_blocks:int=2000, ppl_tokens:int=512, seed:int=0):
+                 source:str="model layer", seed:int=0):
         check_in(source, SOURCES, "source")
-        self.bins, self.max_blocks, self.ppl_tokens, self.models = bins, max_blocks, ppl_tokens, {}
+        self.models, self.weights, self.name = {}, None, ""
         self.source = widgets.Dropdown(options=SOURCES, value=source, description="source")
         self.model = widgets.Combobox(value=model, options=["tiny", "smollm2-135m"], description="model", ensure_option=False)
         self.layer = widgets.Dropdown(options=[], description="layer", layout=widgets.Layout(width="420px"))
         self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
-        self.quant_type = widgets.ToggleButtons(options=QUANT_TYPES, value="nf4", description="quant type")
-        self.blocksize = widgets.Dropdown(options=BLOCKSIZES, value=64, description="blocksize")
-        self.double_quant = widgets.Checkbox(value=True, description="double quant", indent=False)
-        self.ppl_button = widgets.Button(description="Measure perplexity", icon="tachometer", layout=widgets.Layout(width="180px"), tooltip="perplexity on the held-out general text, before and after quantizing")
-        self.stats, self.table, self.ppl_output, self.message = widgets.HTML(), widgets.HTML(), widgets.HTML(), widgets.HTML()
-        self.fig = self._figure()
-        self.updates, self.weights, self.name = 0, None, ""
-        self.ppl_button.on_click(lambda _: self.measure_perplexity())
+        self.message = widgets.HTML()
         self.model.observe(lambda _: self._load_layers(), names="value")
         for control in (self.source, self.layer, self.seed): control.observe(lambda _: self._load_weights(), names="value")
-        for control in (self.quant_type, self.blocksize, self.double_quant): control.observe(lambda _: self.update(), names="value")
         self._load_layers()
 
-    def _figure(self) -> go.FigureWidget:
-        figure = make_subplots(rows=2, cols=2, vertical_spacing=0.14, horizontal_spacing=0.1,
-                               subplot_titles=("weights / block absmax, with the code levels", "error (dequantized − original)",
-                                               "RMS error per block", "SQNR by type (dB)"))
-        figure.add_trace(go.Bar(x=[], y=[], name="weights", marker_color="#1f77b4", showlegend=False), 1, 1)
-        figure.add_trace(go.Scatter(x=[], y=[], mode="lines", name="code levels", line=dict(color="#d62728", width=1), opacity=0.7,
-                                    showlegend=False), 1, 1)
-        figure.add_trace(go.Bar(x=[], y=[], name="error", marker_color="#ff7f0e", showlegend=False), 1, 2)
-        figure.add_trace(go.Scatter(x=[], y=[], mode="lines", name="block RMS error", line=dict(color="#2ca02c", width=1), showlegend=False), 2, 1)
-        figure.add_trace(go.Bar(x=list(range(len(QUANT_TYPES))), y=[0] * 4, name="SQNR", marker_color=["#bbb"] * 4, showlegend=False, text=[""] * 4,
-                                textposition="outside"), 2, 2)
-        figure.update_layout(height=620, margin=dict(l=50, r=20, t=40, b=40), template="plotly_white", bargap=0)
-        figure.update_xaxes(title_text="block", row=2, col=1)
-        # numbered bars with named ticks: category names sent through the widget arrive as numbers in some frontends
-        figure.update_xaxes(tickvals=list(range(len(QUANT_TYPES))), ticktext=list(QUANT_TYPES), row=2, col=2)
-        return go.FigureWidget(figure)
+    def update(self): "Called whenever `weights` changes; the explorer redraws here."
 
     def _get_model(self):
         name = self.model.value.strip() or "tiny"
@@ -176,38 +223,36 @@ class QuantExplorer:
             self.weights, self.name = random_weights(kind, (512, 512), seed=self.seed.value), f"random {kind} 512×512, seed {self.seed.value}"
         self.update()
 
+# %% ../nbs/08_explore.ipynb #25ef01ae
+class ShowsWidget:
+    "Display as `self.widget` when the object is the last value of a notebook cell."
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+# %% ../nbs/08_explore.ipynb #e6a48807
+class QuantExplorer(WeightPicker, ShowsWidget):
+    "Widgets to quantize a model layer or a random tensor with nf4/fp4/int4/int8 and see the error."
+    def __init__(self, model:str="tiny",  # 'tiny', 'smollm2-135m' or a local model folder
+                 source:str="model layer", bins:int=101, max_blocks:int=2000, ppl_tokens:int=512, seed:int=0):
+        self.bins, self.max_blocks, self.ppl_tokens, self.updates = bins, max_blocks, ppl_tokens, 0
+        self.quant_type = widgets.ToggleButtons(options=QUANT_TYPES, value="nf4", description="quant type")
+        self.blocksize = widgets.Dropdown(options=BLOCKSIZES, value=64, description="blocksize")
+        self.double_quant = widgets.Checkbox(value=True, description="double quant", indent=False)
+        self.ppl_button = widgets.Button(description="Measure perplexity", icon="tachometer", layout=widgets.Layout(width="180px"), tooltip="perplexity on the held-out general text, before and after quantizing")
+        self.stats, self.table, self.ppl_output = widgets.HTML(), widgets.HTML(), widgets.HTML()
+        self.fig = _explorer_figure()
+        self.ppl_button.on_click(lambda _: self.measure_perplexity())
+        for control in (self.quant_type, self.blocksize, self.double_quant): control.observe(lambda _: self.update(), names="value")
+        super().__init__(model, source, seed)  # the tensor controls; loading the first tensor draws it
+
     def update(self):
         "Quantize the current tensor with the current settings and redraw everything."
         if self.weights is None: return
         quant_type, blocksize, double_quant = self.quant_type.value, self.blocksize.value, self.double_quant.value
         table, analyses = comparison_table(self.weights, blocksize, double_quant, highlight=quant_type)
-        chosen = analyses[quant_type]
-        w = chosen["weights"]
-        blocks = torch.nn.functional.pad(w, (0, -w.numel() % blocksize)).view(-1, blocksize)  # (blocks, blocksize)
-        scaled = (blocks / blocks.abs().amax(1, keepdim=True).clamp_min(1e-38)).flatten()[:w.numel()]  # (n,) in [-1, 1]
-        hist_x, hist_y = _histogram(scaled, self.bins, -1.0, 1.0)
-        top = max(hist_y) if hist_y else 1.0
-        levels_x, levels_y = [], []
-        for level in sorted(codebook(quant_type).tolist()): levels_x += [level, level, None]; levels_y += [0, top, None]
-        bound = max(float(chosen["error"].abs().max()), 1e-12)
-        error_x, error_y = _histogram(chosen["error"], self.bins, -bound, bound)
-        block_x, block_y = _grouped(chosen["block_rmse"], self.max_blocks)
-        sqnr = [analyses[t]["sqnr_db"] for t in QUANT_TYPES]
-        with self.fig.batch_update():
-            data = self.fig.data
-            data[0].x, data[0].y = hist_x, hist_y
-            data[1].x, data[1].y = levels_x, levels_y
-            data[2].x, data[2].y = error_x, error_y
-            data[3].x, data[3].y = block_x, block_y
-            data[1].opacity = 0.7 if len(levels_x) < 100 else 0.25  # int8's 255 levels would hide the histogram
-            data[4].y = [min(s, 200) for s in sqnr]
-            data[4].text = [f"{s:.1f}" for s in sqnr]
-            data[4].marker.color = ["#d62728" if t == quant_type else "#bbb" for t in QUANT_TYPES]
-            self.fig.layout.annotations[0].text = f"weights / block absmax, {codebook(quant_type).numel()} {quant_type} levels"
-        self.stats.value = (f"<b>{html.escape(self.name)}</b>, {quant_type}, blocksize {blocksize}"
-                            f"{', double quant' if chosen['double_quant'] else ''}: <b>{chosen['bits_per_param']:.3f} bits/param</b>, "
-                            f"{human_bytes(chosen['nbytes'])} (fp16: {human_bytes(2 * chosen['numel'])}); MSE {chosen['mse']:.3e}, "
-                            f"max |error| {chosen['max_abs']:.3e}, SQNR {chosen['sqnr_db']:.2f} dB")
+        _draw_analysis(self.fig, analyses, quant_type, blocksize, self.bins, self.max_blocks)
+        self.stats.value = _stats_html(self.name, analyses[quant_type], quant_type, blocksize)
         self.table.value = table
         self.analyses, self.updates = analyses, self.updates + 1
 
@@ -216,12 +261,9 @@ class QuantExplorer:
         name = self.model.value.strip() if self.source.value == "model layer" else "tiny"
         model, tokenizer = self.models.get(name) or (self._get_model() if name == self.model.value.strip() else load_base_cpu(name))
         self.ppl_output.value = "measuring ..."
-        effect = quantized_perplexity(model, tokenizer, self.quant_type.value, self.blocksize.value, self.double_quant.value, self.ppl_tokens)
-        self.ppl_output.value = (f"perplexity of {html.escape(name)} on {effect['max_tokens']} tokens of the general text: "
-                                 f"<b>{effect['base']:.3f}</b> full precision → <b>{effect['quantized']:.3f}</b> with {effect['quant_type']} "
-                                 f"({effect['change']:+.2%}, {effect['layers']} layers, {effect['seconds']:.1f} s)")
-        self.effect = effect
-        return effect
+        self.effect = quantized_perplexity(model, tokenizer, self.quant_type.value, self.blocksize.value, self.double_quant.value, self.ppl_tokens)
+        self.ppl_output.value = _perplexity_html(name, self.effect)
+        return self.effect
 
     @property
     def widget(self) -> widgets.Widget:
@@ -231,21 +273,11 @@ class QuantExplorer:
                              self.quant_type, widgets.HBox([self.blocksize, self.double_quant]), self.message,
                              self.fig, self.stats, self.table, widgets.HBox([self.ppl_button, self.ppl_output])])
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
-def load_base_cpu(name:str):
-    "`load_base` on the CPU in fp32 (the explorer's measurements need no GPU)."
-    from qlora_nb.models import load_base
-    return load_base(name, device="cpu", dtype="fp32")
-
 # %% ../nbs/08_explore.ipynb #485bb55e
 ESTIMATOR_FIELDS = ("model", "quant", "blocksize", "double_quant", "lora_r", "lora_alpha", "target_modules", "batch_size", "max_length")
 
 def measured_memory(run_dir:str|Path) -> dict:
     "The largest memory figures a run logged: peak RSS, and CUDA's peak allocated bytes where there is a GPU."
-    from qlora_nb.trainer import read_run_log
     path = Path(run_dir) / "run.jsonl"
     if not path.is_file(): raise FileNotFoundError(f"no run log at {path}: is {run_dir} a run directory?")
     steps = [r for r in read_run_log(path) if r.get("type") == "step"]
@@ -254,39 +286,90 @@ def measured_memory(run_dir:str|Path) -> dict:
              for key in ("peak_rss", "cuda_peak_allocated") if any(isinstance(r.get(key), (int, float)) for r in steps)}
     return dict(found, steps=len(steps))
 
-class MemoryEstimator:
+_DTYPE_SETTINGS = {"float32": "fp32", "bfloat16": "bf16"}  # torch's dtype names -> the `dtype` setting
+
+def run_config(run_dir:str|Path) -> dict:
+    "A run's settings (its config.json), with 'auto' device and dtype replaced by what the run resolved them to."
+    path = Path(run_dir) / "config.json"
+    if not path.is_file(): raise FileNotFoundError(f"no config.json in {run_dir}: only runs made by the recipe (qlora-nb train, the dashboard) have one")
+    config = json.loads(path.read_text())
+    log = Path(run_dir) / "run.jsonl"
+    meta = next((r for r in read_run_log(log) if r.get("type") == "meta"), {}) if log.is_file() else {}
+    resolved = meta.get("resolved") or {}
+    if config.get("device") == "auto" and "device" in resolved: config["device"] = torch.device(resolved["device"]).type
+    if config.get("dtype") == "auto" and resolved.get("dtype") in _DTYPE_SETTINGS: config["dtype"] = _DTYPE_SETTINGS[resolved["dtype"]]
+    return config
+
+def estimate_run_memory(config:dict,  # a run's settings, checked by `recipe.resolve_config`
+                        runtime:int|None=None,  # the runtime's bytes; measured once in a subprocess when None
+                       ) -> MemoryEstimate:
+    "One training step of the run `config` describes: its model as the recipe builds it, on its device, in its dtype, with its checkpointing and loss chunks."
+    config = resolve_config(overrides=config)
+    device, dtype = resolve_device(config)
+    model, _ = build_model(config, device, dtype)
+    if config["gradient_checkpointing"]: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the Trainer
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)  # as Trainer.autocast
+    with autocast:  # every optimizer the recipe offers is an AdamW: two moments per trainable parameter (8-bit ones keep them smaller)
+        return estimate_memory(model, config["batch_size"], config["max_length"], optimizer="adamw",
+                               chunk_size=config["loss_chunk_size"], runtime=runtime)
+
+# %% ../nbs/08_explore.ipynb #2370d412
+def _memory_figure() -> go.FigureWidget:
+    "Horizontal bars in MiB, predicted and measured side by side; empty until the first estimate."
+    figure = go.Figure([go.Bar(x=[], y=[], orientation="h", name="predicted", marker_color="#1f77b4", text=[], textposition="auto"),
+                        go.Bar(x=[], y=[], orientation="h", name="measured", marker_color="#d62728", text=[], textposition="auto")])
+    figure.update_layout(height=380, barmode="group", template="plotly_white", margin=dict(l=130, r=20, t=40, b=40),
+                         title="predicted peak memory of one training step", xaxis_title="MiB", yaxis=dict(autorange="reversed"))
+    return go.FigureWidget(figure)
+
+def _draw_memory(fig:go.FigureWidget, estimate:MemoryEstimate,
+                 measured:dict|None):  # what a run logged, from `measured_memory`; None before a run
+    "Draw the predicted parts of a training step and, after a run, its measured peaks, in one batch update."
+    rows = estimate.rows()
+    mib = lambda n: n / 2**20
+    with fig.batch_update():
+        fig.data[0].y, fig.data[0].x = [name for name, _ in rows], [mib(n) for _, n in rows]
+        fig.data[0].text = [human_bytes(n) for _, n in rows]
+        shown = [("total", measured["peak_rss"])] if measured and "peak_rss" in measured else []
+        if measured and "cuda_peak_allocated" in measured: shown.append(("CUDA peak allocated", measured["cuda_peak_allocated"]))
+        fig.data[1].y, fig.data[1].x = [name for name, _ in shown], [mib(n) for _, n in shown]
+        fig.data[1].text = [human_bytes(n) for _, n in shown]
+
+def _memory_table(estimate:MemoryEstimate) -> str:
+    "The parts of the estimate as an HTML table."
+    return "<table>" + "".join(f"<tr><td>{name}</td><td style='text-align:right'>{human_bytes(n)}</td></tr>" for name, n in estimate.rows()) + "</table>"
+
+def _memory_summary(config:dict, estimate:MemoryEstimate, measured:dict|None) -> str:
+    "One line of HTML: the settings and the predicted peak, and after a run the measured peak and their ratio."
+    quant = "no quantization" if config["quant"] == "none" else f"{config['quant']} blocksize {config['blocksize']}"
+    text = (f"{html.escape(str(config['model']))}, {quant}, LoRA r={config['lora_r']}, {config['batch_size']} × {config['max_length']} tokens: "
+            f"<b>predicted peak {human_bytes(estimate.total)}</b> ({estimate.trainable_params:,} trainable parameters)")
+    if measured and "peak_rss" in measured:
+        ratio = estimate.total / measured["peak_rss"]
+        text += f"; measured peak RSS <b>{human_bytes(measured['peak_rss'])}</b> over {measured['steps']} steps, predicted/measured {ratio:.2f}"
+    return text
+
+# %% ../nbs/08_explore.ipynb #67ee15ec
+class MemoryEstimator(ShowsWidget):
     "A form, an Estimate button and a chart of the predicted memory of a training step; predicted vs measured after a run."
     def __init__(self, defaults:dict|None=None,  # a run config; the dashboard's defaults when None
                  runtime:int|None=None):  # the runtime's bytes; measured once in a subprocess when None
-        from qlora_nb.dashboard import RunForm, check_run_config, default_run_config
         self.form = RunForm(defaults if defaults is not None else default_run_config(), check_run_config, ESTIMATOR_FIELDS)
         self.runtime, self.estimate, self.measured = runtime, None, None
         self.button = widgets.Button(description="Estimate", icon="calculator", button_style="primary")
         self.run_path = widgets.Text(placeholder="runs/my-run", description="run dir", layout=widgets.Layout(width="420px"))
         self.compare_button = widgets.Button(description="Compare with run", tooltip="predicted vs the peak memory the run logged")
-        self.summary, self.table = widgets.HTML(), widgets.HTML()
+        self.summary, self.table, self.fig = widgets.HTML(), widgets.HTML(), _memory_figure()
         self.button.on_click(lambda _: self._guarded(self.run_estimate))
         self.compare_button.on_click(lambda _: self._guarded(lambda: self.compare(self.run_path.value.strip())))
-        figure = go.Figure([go.Bar(x=[], y=[], orientation="h", name="predicted", marker_color="#1f77b4", text=[], textposition="auto"),
-                            go.Bar(x=[], y=[], orientation="h", name="measured", marker_color="#d62728", text=[], textposition="auto")])
-        figure.update_layout(height=380, barmode="group", template="plotly_white", margin=dict(l=130, r=20, t=40, b=40),
-                             title="predicted peak memory of one training step", xaxis_title="MiB", yaxis=dict(autorange="reversed"))
-        self.fig = go.FigureWidget(figure)
 
     def _guarded(self, action):
         try: action()
         except (ValueError, FileNotFoundError) as e: self.summary.value = f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
 
-    def estimate_for(self, config:dict):
-        "The `MemoryEstimate` for `config`: its model built as `qlora-nb train` builds it, on the CPU in fp32."
-        from qlora_nb.cli import build_model
-        from qlora_nb.dashboard import check_run_config
-        from qlora_nb.memory import estimate_memory
-        config = check_run_config(config)
-        model, _ = build_model(dict(config, seed=config.get("seed", 0)), torch.device("cpu"), torch.float32)
-        # every optimizer the CLI offers is an AdamW: two moments per trainable parameter (8-bit ones keep them smaller)
-        return estimate_memory(model, config["batch_size"], config["max_length"], optimizer="adamw",
-                               chunk_size=config.get("loss_chunk_size"), runtime=self.runtime)
+    def estimate_for(self, config:dict) -> MemoryEstimate:
+        "The `MemoryEstimate` for `config`, on its own device and dtype, with its checkpointing and loss chunks."
+        return estimate_run_memory(check_run_config(config), self.runtime)
 
     def run_estimate(self):
         "Check the form, estimate, and draw the breakdown."
@@ -297,42 +380,19 @@ class MemoryEstimator:
         self._draw()
 
     def compare(self, run_dir:str|Path) -> dict:
-        "Estimate for the run in `run_dir` (its config.json) and draw it beside what the run measured."
-        import json
-        config_path = Path(run_dir) / "config.json"
-        if not config_path.is_file(): raise FileNotFoundError(f"no config.json in {run_dir}: only runs made by qlora-nb train or the dashboard have one")
+        "Estimate for the run in `run_dir` (its settings, device and dtype) and draw it beside what the run measured."
+        self.config = run_config(run_dir)
         self.measured = measured_memory(run_dir)
-        self.config = {k: v for k, v in json.loads(config_path.read_text()).items()}
         self.estimate = self.estimate_for(self.config)
         self._draw()
         return dict(predicted=self.estimate.total, **self.measured)
 
     def _draw(self):
-        rows = self.estimate.rows()
-        mib = lambda n: n / 2**20
-        with self.fig.batch_update():
-            self.fig.data[0].y, self.fig.data[0].x = [name for name, _ in rows], [mib(n) for _, n in rows]
-            self.fig.data[0].text = [human_bytes(n) for _, n in rows]
-            measured = [("total", self.measured["peak_rss"])] if self.measured and "peak_rss" in self.measured else []
-            if self.measured and "cuda_peak_allocated" in self.measured: measured.append(("CUDA peak allocated", self.measured["cuda_peak_allocated"]))
-            self.fig.data[1].y, self.fig.data[1].x = [name for name, _ in measured], [mib(n) for _, n in measured]
-            self.fig.data[1].text = [human_bytes(n) for _, n in measured]
-        config = self.config
-        quant = "no quantization" if config["quant"] == "none" else f"{config['quant']} blocksize {config['blocksize']}"
-        text = (f"{html.escape(str(config['model']))}, {quant}, LoRA r={config['lora_r']}, {config['batch_size']} × {config['max_length']} tokens: "
-                f"<b>predicted peak {human_bytes(self.estimate.total)}</b> ({self.estimate.trainable_params:,} trainable parameters)")
-        if self.measured and "peak_rss" in self.measured:
-            ratio = self.estimate.total / self.measured["peak_rss"]
-            text += f"; measured peak RSS <b>{human_bytes(self.measured['peak_rss'])}</b> over {self.measured['steps']} steps, predicted/measured {ratio:.2f}"
-        self.summary.value = text
-        self.table.value = "<table>" + "".join(f"<tr><td>{name}</td><td style='text-align:right'>{human_bytes(n)}</td></tr>" for name, n in rows) + "</table>"
+        _draw_memory(self.fig, self.estimate, self.measured)
+        self.summary.value, self.table.value = _memory_summary(self.config, self.estimate, self.measured), _memory_table(self.estimate)
 
     @property
     def widget(self) -> widgets.Widget:
         "The whole estimator."
         return widgets.VBox([widgets.HTML("<h3 style='margin:4px 0'>qlora_nb memory estimator</h3>"), self.form.widget,
                              widgets.HBox([self.button, self.run_path, self.compare_button]), self.summary, self.fig, self.table])
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)

@@ -5,7 +5,7 @@
 # %% ../nbs/02_lora.ipynb #53a00f13
 from __future__ import annotations
 import copy, contextlib, json, math, re, warnings
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +16,11 @@ from safetensors.torch import load_file, save_file
 from .core import atomic_dir, check_in, check_range, human_bytes
 
 # %% auto #0
-__all__ = ['PEFT_PREFIX', 'is_linear', 'is_quantized', 'dense_weight', 'LoRALinear', 'requantize', 'LoRAConfig', 'ModuleToSave',
-           'output_head_names', 'linear_layer_names', 'find_targets', 'mark_only_lora_as_trainable', 'add_lora',
-           'merge_lora', 'remove_lora', 'lora_disabled', 'lora_state_dict', 'TrainableReport', 'trainable_report',
-           'peft_state_dict', 'peft_config_dict', 'save_adapter', 'config_from_peft', 'load_adapter']
+__all__ = ['PEFT_PREFIX', 'is_linear', 'is_quantized', 'dense_weight', 'dora_output', 'MergeableLoRA', 'LoRALinear', 'requantize',
+           'LoRAConfig', 'ModuleToSave', 'output_head_names', 'linear_layer_names', 'find_targets',
+           'mark_only_lora_as_trainable', 'add_lora', 'merge_lora', 'remove_lora', 'lora_disabled', 'lora_state_dict',
+           'TrainableReport', 'trainable_report', 'peft_state_dict', 'peft_config_dict', 'save_adapter',
+           'config_from_peft', 'load_adapter']
 
 # %% ../nbs/02_lora.ipynb #3d6d5603
 def is_linear(module:nn.Module) -> bool:
@@ -58,8 +59,60 @@ def _check_dora_supported(module:nn.Module, name:str):
     try: dense_weight(module) if not is_quantized(module) else None
     except ValueError as e: raise ValueError(f"use_dora=True is not supported on {name}: DoRA needs the dense weight, and {e}") from None
 
-# %% ../nbs/02_lora.ipynb #ddfd80d8
-class LoRALinear(nn.Module):
+# %% ../nbs/02_lora.ipynb #cb62d2f4
+@torch.no_grad()
+def _rows_norm(weight:torch.Tensor) -> torch.Tensor:
+    "The L2 norm of each row of an (out, in) weight, as a constant."
+    return torch.linalg.norm(weight, dim=1)  # (out,)
+
+def dora_output(layer:nn.Module, lora_x:torch.Tensor, result:torch.Tensor, lora_out:torch.Tensor) -> torch.Tensor:
+    "DoRA's addition to the base output: (m/n - 1)·Wx + (m/n)·sBAx, with n = ‖W + sBA‖ per row, detached."
+    weight = dense_weight(layer.base_layer).to(lora_x.dtype)  # (out, in)
+    lora_weight = layer.lora_B.weight @ layer.lora_A.weight  # (out, in)
+    mag_scale = layer.lora_magnitude_vector / _rows_norm(weight + layer.scaling * lora_weight.detach())  # (out,)
+    if isinstance(layer.lora_dropout, nn.Identity) or not layer.training:
+        bias = getattr(layer.base_layer, "bias", None)
+        base_out = result.to(lora_x.dtype) - (bias.to(lora_x.dtype) if bias is not None else 0)  # (..., out)
+    else: base_out = F.linear(lora_x, weight)  # (..., out): the dropped-out input, as PEFT
+    return (mag_scale - 1) * base_out + mag_scale * lora_out
+
+# %% ../nbs/02_lora.ipynb #b2e4d494
+class MergeableLoRA:
+    "Merging for a low-rank layer over `base_layer`: fold s·B·A (or the DoRA weight) in, and take it out again."
+    def _delta_weight(self) -> torch.Tensor:
+        "The update s·B·A, (out, in), in fp32."
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in)
+
+    @torch.no_grad()
+    def merge(self):
+        "Fold the adapter into the base weight; for a 4-bit base dequantize, add and requantize (with a warning)."
+        if self.merged: warnings.warn("LoRALinear.merge(): already merged, nothing to do"); return
+        weight = dense_weight(self.base_layer).float()  # (out, in)
+        merged = weight + self._delta_weight()
+        if self.use_dora:
+            self._dora_factor = self.lora_magnitude_vector / _rows_norm(merged)  # (out,)
+            merged = self._dora_factor[:, None] * merged
+        if is_quantized(self.base_layer):
+            warnings.warn(f"merging LoRA into a 4-bit {type(self.base_layer).__name__} ({self.out_features}x{self.in_features}): "
+                          "dequantizing, adding the update and requantizing, which adds rounding error of its own")
+            self._unmerged_base = self.base_layer
+            self.base_layer = requantize(self.base_layer, merged)
+        else: self.base_layer.weight.data.copy_(merged.to(self.base_layer.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        "Undo `merge()`: restore the original packed base, or subtract the update from the dense weight."
+        if not self.merged: warnings.warn("LoRALinear.unmerge(): not merged, nothing to do"); return
+        if getattr(self, "_unmerged_base", None) is not None: self.base_layer, self._unmerged_base = self._unmerged_base, None
+        else:
+            weight = self.base_layer.weight.data.float()  # (out, in)
+            if self.use_dora: weight = weight / self._dora_factor[:, None]
+            self.base_layer.weight.data.copy_((weight - self._delta_weight()).to(self.base_layer.weight.dtype))
+        self.merged = False
+
+# %% ../nbs/02_lora.ipynb #ecee3c13
+class LoRALinear(MergeableLoRA, nn.Module):
     "y = base(x) + s·B·A·dropout(x), with s = alpha/r (or alpha/√r for rsLoRA) and optional DoRA magnitude."
     def __init__(self, base:nn.Module,  # an nn.Linear or a quantized linear (NF4Linear)
                  r:int=8,  # the rank of the update
@@ -97,70 +150,17 @@ class LoRALinear(nn.Module):
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}, dora={self.use_dora}, "
                 f"merged={self.merged}, disabled={self.disabled}")
 
-# %% ../nbs/02_lora.ipynb #ba357c5b
-@torch.no_grad()
-def _rows_norm(weight:torch.Tensor) -> torch.Tensor:
-    "The L2 norm of each row of an (out, in) weight, as a constant."
-    return torch.linalg.norm(weight, dim=1)  # (out,)
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self.merged or self.disabled: return result
+        autocast = torch.is_autocast_enabled(x.device.type) and not self.use_dora
+        lora_x = self.lora_dropout(x if autocast else x.to(self.lora_A.weight.dtype))  # (..., in)
+        lora_out = self.lora_B(self.lora_A(lora_x)) * self.scaling  # (..., r) -> (..., out)
+        if self.use_dora: lora_out = dora_output(self, lora_x, result, lora_out)
+        return result + lora_out.to(result.dtype)
 
-def _lora_forward(self:LoRALinear, x:torch.Tensor) -> torch.Tensor:
-    result = self.base_layer(x)  # (..., out)
-    if self.merged or self.disabled: return result
-    autocast = torch.is_autocast_enabled(x.device.type) and not self.use_dora
-    lora_x = self.lora_dropout(x if autocast else x.to(self.lora_A.weight.dtype))  # (..., in)
-    lora_out = self.lora_B(self.lora_A(lora_x)) * self.scaling  # (..., r) -> (..., out)
-    if self.use_dora:
-        weight = dense_weight(self.base_layer).to(lora_x.dtype)  # (out, in)
-        lora_weight = self.lora_B.weight @ self.lora_A.weight  # (out, in)
-        weight_norm = _rows_norm(weight + self.scaling * lora_weight.detach())  # (out,)
-        mag_scale = self.lora_magnitude_vector / weight_norm  # (out,)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            base_out = result.to(lora_x.dtype) - (bias.to(lora_x.dtype) if bias is not None else 0)  # (..., out)
-        else: base_out = F.linear(lora_x, weight)  # (..., out)
-        lora_out = (mag_scale - 1) * base_out + mag_scale * lora_out
-    return result + lora_out.to(result.dtype)
-
-LoRALinear.forward = _lora_forward
-
-# %% ../nbs/02_lora.ipynb #42382f73
-def _delta_weight(self:LoRALinear) -> torch.Tensor:
-    "The update s·B·A, (out, in), in fp32."
-    return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in)
-
-@torch.no_grad()
-def _merge(self:LoRALinear):
-    "Fold the adapter into the base weight; for a 4-bit base dequantize, add and requantize (with a warning)."
-    if self.merged: warnings.warn("LoRALinear.merge(): already merged, nothing to do"); return
-    weight = dense_weight(self.base_layer).float()  # (out, in)
-    merged = weight + self._delta_weight()
-    if self.use_dora:
-        self._dora_factor = self.lora_magnitude_vector / _rows_norm(merged)  # (out,)
-        merged = self._dora_factor[:, None] * merged
-    if is_quantized(self.base_layer):
-        warnings.warn(f"merging LoRA into a 4-bit {type(self.base_layer).__name__} ({self.out_features}x{self.in_features}): "
-                      "dequantizing, adding the update and requantizing, which adds rounding error of its own")
-        self._unmerged_base = self.base_layer
-        self.base_layer = requantize(self.base_layer, merged)
-    else: self.base_layer.weight.data.copy_(merged.to(self.base_layer.weight.dtype))
-    self.merged = True
-
-@torch.no_grad()
-def _unmerge(self:LoRALinear):
-    "Undo `merge()`: restore the original packed base, or subtract the update from the dense weight."
-    if not self.merged: warnings.warn("LoRALinear.unmerge(): not merged, nothing to do"); return
-    if getattr(self, "_unmerged_base", None) is not None: self.base_layer, self._unmerged_base = self._unmerged_base, None
-    else:
-        weight = self.base_layer.weight.data.float()  # (out, in)
-        if self.use_dora: weight = weight / self._dora_factor[:, None]
-        self.base_layer.weight.data.copy_((weight - self._delta_weight()).to(self.base_layer.weight.dtype))
-    self.merged = False
-
-def _disable(self:LoRALinear): "Bypass the adapter: the layer gives the base output."; self.disabled = True
-def _enable(self:LoRALinear): "Use the adapter again."; self.disabled = False
-
-LoRALinear._delta_weight, LoRALinear.merge, LoRALinear.unmerge = _delta_weight, _merge, _unmerge
-LoRALinear.disable, LoRALinear.enable = _disable, _enable
+    def disable(self): "Bypass the adapter: the layer gives the base output."; self.disabled = True
+    def enable(self): "Use the adapter again."; self.disabled = False
 
 # %% ../nbs/02_lora.ipynb #0abd3d1e
 def requantize(base:nn.Module,  # a quantized linear with `from_linear` (NF4Linear)
@@ -235,7 +235,7 @@ class ModuleToSave(nn.Module):
 
 
 
-# %% ../nbs/02_lora.ipynb #55f87d37
+# %% ../nbs/02_lora.ipynb #63ce332c
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 def output_head_names(model:nn.Module) -> set[str]:
@@ -258,6 +258,7 @@ def _name_matches(name:str, target_modules) -> bool:
     if isinstance(target_modules, str): return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
+# %% ../nbs/02_lora.ipynb #ad2f3393
 def find_targets(model:nn.Module, config:LoRAConfig) -> list[str]:
     "The full names of the linear layers `config` adapts; ValueError if none, or if a match is not a linear layer."
     modules = dict(model.named_modules())
@@ -307,9 +308,12 @@ def add_lora(model:nn.Module,  # any causal LM (or module) with linear layers, p
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
     for name in names:
         base = model.get_submodule(name)
-        model.set_submodule(name, LoRALinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                                             use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init))
-    for name in save_names: model.set_submodule(name, ModuleToSave(model.get_submodule(name)))
+        lora = LoRALinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                          use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init)
+        model.set_submodule(name, lora.train(base.training))  # an eval model keeps its LoRA dropout off
+    for name in save_names:
+        original = model.get_submodule(name)
+        model.set_submodule(name, ModuleToSave(original).train(original.training))
     model.lora_config = config
     return mark_only_lora_as_trainable(model)
 
@@ -342,13 +346,14 @@ def lora_disabled(model:nn.Module):
     finally:
         for layer in layers: layer.enable()
 
-# %% ../nbs/02_lora.ipynb #148e33d9
+# %% ../nbs/02_lora.ipynb #e1bb9665
 def lora_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
     "Only the trained tensors: LoRA's A, B, DoRA magnitudes and the `modules_to_save` copies, by their names in `model`."
     state = model.state_dict()
     keep = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".trained.")
     return {k: v for k, v in state.items() if any(s in k for s in keep) and ".original_module." not in k}
 
+# %% ../nbs/02_lora.ipynb #757573bc
 @dataclass
 class TrainableReport:
     "How many parameters (and bytes) a model trains, out of how many."
@@ -421,7 +426,7 @@ def save_adapter(model:nn.Module,  # a model with LoRA (after add_lora or load_a
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return Path(path)
 
-# %% ../nbs/02_lora.ipynb #0931fb04
+# %% ../nbs/02_lora.ipynb #f02257f3
 _UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "fan_in_fan_out": False, "use_qalora": False,
                 "layer_replication": None, "trainable_token_indices": None, "target_parameters": None}
 
@@ -440,6 +445,7 @@ def config_from_peft(config:dict,  # the parsed adapter_config.json
                       modules_to_save=config.get("modules_to_save"), use_rslora=config.get("use_rslora", False),
                       use_dora=bool(config.get("use_dora", False)), init="gaussian" if init == "gaussian" else "kaiming")
 
+# %% ../nbs/02_lora.ipynb #3772e7f7
 def _expected_shapes(model:nn.Module, names:list[str], config:LoRAConfig) -> dict[str, tuple]:
     "PEFT key -> shape for every tensor a LoRA with `config` on `names` holds (existing LoRA layers keep their own r)."
     shapes = {}
@@ -457,6 +463,7 @@ def _expected_shapes(model:nn.Module, names:list[str], config:LoRAConfig) -> dic
         for key, tensor in module.state_dict().items(): shapes[f"{PEFT_PREFIX}{name}.{key}"] = tuple(tensor.shape)
     return shapes
 
+# %% ../nbs/02_lora.ipynb #20baabd6
 def load_adapter(model:nn.Module,  # the base model (LoRA is added) or a model with the same LoRA already
                  path:Path|str,  # a folder with adapter_config.json and adapter_model.safetensors (ours or PEFT's)
                 ) -> nn.Module:

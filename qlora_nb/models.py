@@ -8,9 +8,9 @@ import argparse, importlib.machinery, importlib.util, json, sys, time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .core import atomic_dir, cache_dir, check_in, compute_dtype, data_dir, default_device, set_seed
+from .core import atomic_dir, cache_dir, compute_dtype, data_dir, default_device, set_seed
 
 # %% auto #0
 __all__ = ['SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'EMBEDDED_PACKAGES', 'CHATML_TEMPLATE', 'TINY_SPECIAL_TOKENS', 'BUILTIN',

@@ -4,24 +4,27 @@
 
 # %% ../nbs/12_search.ipynb #d42376fa
 from __future__ import annotations
-import json, math, time, warnings
-from dataclasses import asdict
+import json, math, warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
 
-from .core import check_in, check_range, compute_dtype, default_device, set_seed
+from .core import check_in, check_range
 from .callback.core import Callback, CancelFitException
-from .data import build_datasets, make_collator
-from .cli import build_model, resolve_config
+from .data import make_collator
+from .prepare import build_datasets
+from .kernels import use_kernels
 from .lora import save_adapter
 from .models import load_base
-from .trainer import EvalEvery, RunLog, Trainer, read_run_log
+from .recipe import build_model, resolve_config, resolve_device
+from .runlog import RunLog
+from .trainer import EvalEvery, Trainer
 
 # %% auto #0
-__all__ = ['SEARCHABLE', 'DEFAULT_SPACE', 'check_space', 'suggest_params', 'OptunaPruning', 'search_data', 'trial_config',
-           'train_trial', 'run_search', 'search_figures', 'search_table']
+__all__ = ['SEARCHABLE', 'DEFAULT_SPACE', 'check_space', 'suggest_params', 'OptunaPruning', 'StudyData', 'search_data',
+           'trial_config', 'train_trial', 'run_search', 'search_figures', 'search_table']
 
 # %% ../nbs/12_search.ipynb #8acd4921
 SEARCHABLE = {"r": 8, "alpha": 16, "dropout": 0.0, "lr": 2e-3, "target_modules": "all-linear", "blocksize": 64}  # name -> default
@@ -77,21 +80,32 @@ class OptunaPruning(Callback):
             raise CancelFitException()
 
 # %% ../nbs/12_search.ipynb #bf9ca3bb
+@dataclass(frozen=True)
+class StudyData:
+    "The tokenized rows a study's trials share, and what they were made from (each trial's config records it)."
+    train:object  # a datasets.Dataset of tokenized rows
+    val:object
+    max_length:int  # tokens per row
+    train_source:str  # the `data` setting: 'train' (embedded) or a file
+    val_source:str  # the `val` setting
+
 def search_data(tokenizer, train:str|Path="train", val:str|Path="val",  # as in `build_datasets`
-                max_length:int=128, max_train_rows:int|None=None, max_val_rows:int|None=None):
-    "The tokenized train and val splits a study's trials share."
+                max_length:int=128,  # tokens per row, in every trial
+                max_train_rows:int|None=None, max_val_rows:int|None=None) -> StudyData:
+    "The tokenized train and val rows a study's trials share."
     splits = build_datasets(tokenizer, train=train, val=val, max_length=max_length)
-    if max_train_rows: splits["train"] = splits["train"].select(range(min(max_train_rows, len(splits["train"]))))
-    if max_val_rows: splits["val"] = splits["val"].select(range(min(max_val_rows, len(splits["val"]))))
-    return splits
+    first = lambda split, n: split.select(range(min(n, len(split)))) if n else split
+    return StudyData(first(splits["train"], max_train_rows), first(splits["val"], max_val_rows), max_length, str(train), str(val))
 
 # %% ../nbs/12_search.ipynb #92cfef9d
-def trial_config(params:dict, run_dir:Path|str, model_name:str="tiny", quantize:bool=True, max_steps:int=20, eval_steps:int=5,
-                 batch_size:int=8, seed:int=0, device:str|None=None, dtype:str|None=None) -> dict:
-    "The settings of a trial in the `qlora-nb train` config format (checked by `cli.resolve_config`)."
+def trial_config(params:dict,  # from `suggest_params`
+                 run_dir:Path|str, data:StudyData, model_name:str="tiny", quantize:bool=True, max_steps:int=20,
+                 eval_steps:int=5, batch_size:int=8, seed:int=0, device:str|None=None, dtype:str|None=None) -> dict:
+    "The run config of a trial, checked by `recipe.resolve_config`: what the trial runs with and records."
     return resolve_config(overrides={
-        "model": model_name, "quant": "nf4" if quantize else "none", "blocksize": params["blocksize"], "double_quant": True,
-        "lora_r": params["r"], "lora_alpha": float(params["alpha"]), "lora_dropout": float(params["dropout"]),
+        "model": model_name, "data": data.train_source, "val": data.val_source, "max_length": data.max_length,
+        "eval_rows": max(len(data.val), 1), "quant": "nf4" if quantize else "none", "blocksize": params["blocksize"],
+        "double_quant": True, "lora_r": params["r"], "lora_alpha": float(params["alpha"]), "lora_dropout": float(params["dropout"]),
         "target_modules": params["target_modules"], "lr": float(params["lr"]), "max_steps": max_steps, "eval_steps": eval_steps,
         "save_steps": None, "batch_size": batch_size, "warmup_steps": min(2, max_steps - 1), "seed": seed, "out": str(run_dir),
         "device": torch.device(device).type if device else "auto", "dtype": dtype or "auto", "progress": False})
@@ -99,7 +113,7 @@ def trial_config(params:dict, run_dir:Path|str, model_name:str="tiny", quantize:
 # %% ../nbs/12_search.ipynb #c4cbc7bd
 def train_trial(params:dict,  # from `suggest_params`: r, alpha, dropout, lr, target_modules, blocksize
                 run_dir:Path|str,  # the trial's run directory (must not exist)
-                splits,  # from `search_data`
+                data:StudyData,  # from `search_data`
                 model_name:str="tiny",  # as in `load_base`
                 trial:optuna.Trial|None=None,  # reports eval losses here and may be pruned
                 quantize:bool=True,  # train on an NF4 base quantized with params['blocksize']
@@ -109,20 +123,22 @@ def train_trial(params:dict,  # from `suggest_params`: r, alpha, dropout, lr, ta
     "Train one trial into `run_dir`; return its final eval loss, best eval loss and whether it was pruned."
     run_dir = Path(run_dir)
     if run_dir.exists(): raise FileExistsError(f"run_dir={str(run_dir)!r} exists; a trial writes a fresh run directory")
-    config = trial_config(params, run_dir, model_name, quantize, max_steps, eval_steps, batch_size, seed, device, dtype)
-    device = torch.device(device) if device is not None else default_device()
-    set_seed(seed)
-    model, tokenizer = build_model(config, device, compute_dtype(device, dtype))  # as `qlora-nb train` builds it
+    config = trial_config(params, run_dir, data, model_name, quantize, max_steps, eval_steps, batch_size, seed, device, dtype)
+    device, dtype = resolve_device(config)
+    model, tokenizer = build_model(config, device, dtype)
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=1))
     if trial is not None: (run_dir / "trial.json").write_text(json.dumps({"number": trial.number, "params": trial.params}, indent=1))
-    pruning = OptunaPruning(trial) if trial is not None else None
-    callbacks = [EvalEvery(eval_steps), RunLog(run_dir / "run.jsonl", meta={"config": config, "trial": trial.number if trial else None})]
-    trainer = Trainer(model, splits["train"], make_collator(tokenizer), eval_data=splits["val"], callbacks=callbacks + ([pruning] if pruning else []),
-                      batch_size=batch_size, max_steps=max_steps, lr=params["lr"], warmup_steps=config["warmup_steps"],
-                      max_norm=config["max_norm"], seed=seed, device=device, dtype=dtype, run_dir=run_dir)
-    trainer.fit()
-    pruned = bool(pruning and pruning.pruned)
+    pruning = [OptunaPruning(trial)] if trial is not None else []
+    callbacks = [EvalEvery(eval_steps), RunLog(run_dir / "run.jsonl", meta={"config": config, "trial": trial.number if trial else None}), *pruning]
+    trainer = Trainer(model, data.train, make_collator(tokenizer), eval_data=data.val, callbacks=callbacks,
+                      batch_size=config["batch_size"], grad_accum=config["grad_accum"], max_steps=config["max_steps"], lr=config["lr"],
+                      weight_decay=config["weight_decay"], optimizer=config["optimizer"], schedule=config["schedule"],
+                      warmup_steps=config["warmup_steps"], min_lr_ratio=config["min_lr_ratio"], max_norm=config["max_norm"],
+                      seed=config["seed"], device=device, dtype=dtype, gradient_checkpointing=config["gradient_checkpointing"],
+                      loss_chunk_size=config["loss_chunk_size"], run_dir=run_dir)
+    with use_kernels(cpu_kernels=config["cpu_kernels"], decode_kernel=config["decode_kernel"]): trainer.fit()  # as a Run fits
+    pruned = bool(pruning and pruning[0].pruned)
     if not pruned: save_adapter(model, run_dir / "adapter")
     return {"eval_loss": trainer.eval_loss, "best_eval_loss": trainer.best_eval_loss, "pruned": pruned, "steps": trainer.step}
 
@@ -130,7 +146,7 @@ def train_trial(params:dict,  # from `suggest_params`: r, alpha, dropout, lr, ta
 def run_search(space:dict,  # see `check_space`
                runs_dir:Path|str,  # one run directory per trial goes here
                n_trials:int=10,
-               splits=None,  # from `search_data`; built from the embedded data when None
+               data:StudyData|None=None,  # from `search_data`; built from the embedded data when None
                model_name:str="tiny",
                seed:int=0,  # seeds the sampler and every trial's training
                pruner:optuna.pruners.BasePruner|None=None,  # the median pruner (1 startup trial) when None
@@ -145,13 +161,13 @@ def run_search(space:dict,  # see `check_space`
     pruner = pruner if pruner is not None else optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
     study = optuna.create_study(study_name=study_name, direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
     for params in enqueue or []: study.enqueue_trial(params)
-    if splits is None: splits = search_data(load_base(model_name, device="cpu", seed=seed)[1])
+    if data is None: data = search_data(load_base(model_name, device="cpu", seed=seed)[1])
 
     def objective(trial:optuna.Trial) -> float:
         params = suggest_params(trial, space)
         run_dir = runs_dir / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        result = train_trial(params, run_dir, splits, model_name, trial, seed=seed, **train_kwargs)
+        result = train_trial(params, run_dir, data, model_name, trial, seed=seed, **train_kwargs)
         if result["pruned"]: raise optuna.TrialPruned(f"eval loss {result['eval_loss']:.4f} at step {result['steps']}")
         return result["eval_loss"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from .core import check_range, human_bytes
+from .core import check_range
 
 # %% auto #0
 __all__ = ['FINISHED', 'ERROR', 'EXECUTED', 'CHARTS', 'Sweep', 'run_name', 'load_sweep', 'is_finished', 'execute_run',
-           'run_sweep', 'load_results', 'results_table', 'comparison_figures', 'write_report', 'sweep_main']
+           'run_sweep', 'load_results', 'results_table', 'comparison_figures', 'write_sweep_report', 'sweep_main']
 
 # %% ../nbs/09_sweep.ipynb #43374e76
 _TOP_KEYS = ("notebook", "name", "parameters", "grid", "runs", "workers", "kernel", "timeout")
@@ -63,7 +63,7 @@ def _coerce(value, default_info:dict, where:str):
         raise ValueError(f"{where}={value!r} is not an integer; the notebook's default is {default_info['default']}")
     return value
 
-# %% ../nbs/09_sweep.ipynb #8a287411
+# %% ../nbs/09_sweep.ipynb #8c8d8422
 def _check_names(names, known:dict, where:str, path:Path, notebook:Path):
     "Raise ValueError naming the file and key for a parameter the notebook doesn't have or the sweep sets itself."
     for name in names:
@@ -71,6 +71,27 @@ def _check_names(names, known:dict, where:str, path:Path, notebook:Path):
         if name not in known:
             raise ValueError(f"{path}: {where}.{name}: unknown parameter; {notebook.name}'s parameters cell has: {', '.join(known) or 'nothing'}")
 
+def _grid_runs(grid, known:dict, path:Path, notebook:Path) -> list[tuple[str, dict]]:
+    "(run name, varying parameters) for every combination of a `grid:` mapping of parameter -> list of values."
+    if not isinstance(grid, dict) or not grid: raise ValueError(f"{path}: grid: empty; give at least one parameter with a list of values")
+    _check_names(grid, known, "grid", path, notebook)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values: raise ValueError(f"{path}: grid.{key}: expected a non-empty list of values, got {values!r}")
+    varying = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    return [(run_name(v), v) for v in varying]
+
+def _listed_runs(sets, known:dict, path:Path, notebook:Path) -> list[tuple[str, dict]]:
+    "(run name, parameters) for each entry of a `runs:` list, named by its `run_name` or else by its values."
+    if not isinstance(sets, list) or not sets: raise ValueError(f"{path}: runs: empty; give a list of parameter sets")
+    named = []
+    for i, entry in enumerate(sets):
+        if not isinstance(entry, dict): raise ValueError(f"{path}: runs[{i}]: expected a mapping of name: value, got {entry!r}")
+        entry = dict(entry); name = entry.pop("run_name", None)
+        _check_names(entry, known, f"runs[{i}]", path, notebook)
+        named.append((str(name) if name is not None else run_name(entry), entry))
+    return named
+
+# %% ../nbs/09_sweep.ipynb #352a169e
 def load_sweep(path:Path|str,  # the sweep's YAML file
                workers:int|None=None,  # overrides the file's `workers`
                ) -> Sweep:
@@ -87,23 +108,8 @@ def load_sweep(path:Path|str,  # the sweep's YAML file
     if not isinstance(fixed, dict): raise ValueError(f"{path}: parameters: expected a mapping of name: value, got {fixed!r}")
     _check_names(fixed, known, "parameters", path, notebook)
     if ("grid" in config) == ("runs" in config): raise ValueError(f"{path}: give exactly one of 'grid' (all combinations) or 'runs' (a list of parameter sets)")
-    if "grid" in config:
-        grid = config["grid"]
-        if not isinstance(grid, dict) or not grid: raise ValueError(f"{path}: grid: empty; give at least one parameter with a list of values")
-        _check_names(grid, known, "grid", path, notebook)
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values: raise ValueError(f"{path}: grid.{key}: expected a non-empty list of values, got {values!r}")
-        varying = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-        named = [(run_name(v), v) for v in varying]
-    else:
-        sets = config["runs"]
-        if not isinstance(sets, list) or not sets: raise ValueError(f"{path}: runs: empty; give a list of parameter sets")
-        named = []
-        for i, entry in enumerate(sets):
-            if not isinstance(entry, dict): raise ValueError(f"{path}: runs[{i}]: expected a mapping of name: value, got {entry!r}")
-            entry = dict(entry); name = entry.pop("run_name", None)
-            _check_names(entry, known, f"runs[{i}]", path, notebook)
-            named.append((str(name) if name is not None else run_name(entry), entry))
+    named = (_grid_runs(config["grid"], known, path, notebook) if "grid" in config
+             else _listed_runs(config["runs"], known, path, notebook))
     runs = {}
     for name, varying in named:
         if name in runs: raise ValueError(f"{path}: two runs are named {name!r}; give them distinct run_name values")
@@ -205,7 +211,7 @@ def run_sweep(sweep:Sweep|Path|str,  # a checked Sweep or the path of its YAML f
             why = "" if status["status"] == "finished" else f": {status['error']['ename']}: {status['error']['evalue']} (cell {status['error']['cell_index']})"
             log(f"[{done}/{len(todo)}] {name} {status['status']} in {status['seconds']:.1f}s{why}")
     if report:
-        html_path, nb_path = write_report(sweep_dir)
+        html_path, nb_path = write_sweep_report(sweep_dir)
         log(f"report: {html_path} and {nb_path}")
     return {name: statuses[name] for name in sweep.runs}
 
@@ -267,7 +273,7 @@ def _plotly_output(fig) -> dict:
     return nbformat.v4.new_output("display_data", data={"application/vnd.plotly.v1+json": json.loads(fig.to_json()),
                                                         "text/plain": [f"<Figure: {fig.layout.title.text}>"]})
 
-def write_report(sweep_dir:Path|str) -> tuple[Path, Path]:
+def write_sweep_report(sweep_dir:Path|str) -> tuple[Path, Path]:
     "Write report.html and report.ipynb into `sweep_dir`, comparing its runs; return both paths."
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
     sweep_dir = Path(sweep_dir)
@@ -309,7 +315,7 @@ def sweep_main(argv:list[str]|None=None) -> int:
         for name, params in sweep.runs.items(): print(name, json.dumps(params, default=str))
         return 0
     if args.report_only:
-        for path in write_report(Path(args.runs_dir) / sweep.name): print(path)
+        for path in write_sweep_report(Path(args.runs_dir) / sweep.name): print(path)
         return 0
     statuses = run_sweep(sweep, args.runs_dir, args.workers)
     failed = [name for name, s in statuses.items() if s["status"] != "finished"]

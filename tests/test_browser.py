@@ -6,7 +6,6 @@ widgets by clicking them, reads the plotly figures back from the page, and keeps
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -174,7 +173,9 @@ def test_training_dashboard_in_jupyterlab(lab, browser, pages, artifacts_dir):
     checkpoints = sorted((run_dirs[0] / "checkpoints").glob("step-*"))
     assert checkpoints and (checkpoints[-1] / "trainer_state.json").is_file(), checkpoints
     records = [json.loads(line) for line in (run_dirs[0] / "run.jsonl").read_text().splitlines()]
-    assert records[-1]["event"] == "fit_end" and records[-1]["stop_reason"] == "stopped from the dashboard"
+    fit_end = [r for r in records if r.get("event") == "fit_end"]
+    assert len(fit_end) == 1 and fit_end[0]["stop_reason"] == "stopped from the dashboard", records[-3:]
+    assert (run_dirs[0] / "adapter" / "adapter_model.safetensors").is_file()  # the run went back to its checkpoint and saved
     assert button(page, "Start").is_enabled() and not button(page, "Stop").is_enabled()
     page.close()
 

@@ -1,11 +1,11 @@
 "The `qlora-nb train` command: bad input is refused before any work, and a run leaves the documented layout."
 import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from qlora_nb.cli import main, CONFIG
+from qlora_nb.cli import main
+from qlora_nb.recipe import SETTINGS
 
 FAST = ["--model", "tiny", "--quant", "none", "--max-steps", "6", "--save-steps", "3", "--eval-steps", "3", "--lr", "1e-3",
         "--set", "em_examples=15", "--set", "em_max_new_tokens=4", "--set", "ppl_max_tokens=128", "--set", "eval_rows=8",
@@ -98,4 +98,4 @@ def test_resume_without_checkpoint_is_refused(tmp_path, capsys):
 def test_every_setting_is_documented(capsys):
     assert main(["train", "--list-settings"]) == 0
     listing = capsys.readouterr().out
-    assert all(key in listing for key in CONFIG)
+    assert all(key in listing for key in SETTINGS)

@@ -1,5 +1,4 @@
 "Distillation loss properties and magnitude pruning on the tiny model."
-import copy
 
 import pytest
 import torch

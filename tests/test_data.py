@@ -1,14 +1,14 @@
 """The data pipeline against files on disk: one fixture file per kind of bad input, the odd-but-fine inputs, the
 embedded dataset (reproducible, correct answers, no leakage) and SmolLM2's real tokenizer."""
-import importlib.util, json, random, re
+import importlib.util, json, re
 from pathlib import Path
 
 import pytest
 import torch
 
 from qlora_nb.core import data_dir
-from qlora_nb.data import (DataError, build_datasets, clean, format_prompt, load_data, load_examples, make_collator,
-                           split_example, tokenize_dataset)
+from qlora_nb.data import DataError, format_prompt, load_data, load_examples, make_collator, split_example
+from qlora_nb.prepare import build_datasets, clean
 from qlora_nb.models import tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

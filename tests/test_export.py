@@ -1,5 +1,5 @@
 "Exports of a really trained QLoRA run, each loaded by the other library and compared on logits."
-import json, os, subprocess, sys
+import json, os, subprocess, sys, tempfile
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,9 @@ def trained_run(tmp_path_factory, embedded_subset):
     "A QLoRA run of the tiny model (NF4 base, blocksize 128, LoRA r=4), trained for 6 steps."
     tmp = tmp_path_factory.mktemp("export")
     _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
-    splits = search_data(tokenizer, *embedded_subset(tmp, 32, 16))
+    data = search_data(tokenizer, *embedded_subset(tmp, 32, 16))
     params = {**SEARCHABLE, "r": 4, "alpha": 8, "lr": 3e-2, "blocksize": 128}
-    train_trial(params, tmp / "run", splits, quantize=True, max_steps=6, eval_steps=6, device="cpu", dtype="fp32")
+    train_trial(params, tmp / "run", data, quantize=True, max_steps=6, eval_steps=6, device="cpu", dtype="fp32")
     return tmp / "run"
 
 
@@ -109,9 +109,120 @@ def test_python_m_export(trained_run, tmp_path):
 
 def test_a_run_without_quantization_exports_merged(tmp_path):
     "A plain LoRA run (quant: none): the merged model is base + BA, no dequantization involved."
-    from qlora_nb.export import fake_run, run_settings
+    from qlora_nb.export import run_settings
+    from qlora_nb.testing import fake_run
     run = fake_run(tmp_path / "run", quant="none")
     assert run_settings(run)["quant"] == "none"
     report = export_run(run, tmp_path / "out", kinds="merged")
     assert list(report["exports"]) == ["merged"] and report["exports"]["merged"]["check"]["rel_diff"] < 1e-5
     assert not (tmp_path / "out" / "nf4").exists()
+
+
+def test_a_failed_export_leaves_no_scratch_folder(trained_run, tmp_path, monkeypatch):
+    "An nf4-only export merges into a scratch folder first; it is removed when a verification fails, as when all goes well."
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(ValueError, match="the nf4 export does not reproduce the run's logits"):
+        export_run(trained_run, tmp_path / "failing", kinds="nf4", rtol={"nf4": -1.0})
+    assert list(scratch.iterdir()) == []
+    export_run(trained_run, tmp_path / "ok", kinds="nf4", verify=False)
+    assert list(scratch.iterdir()) == [] and (tmp_path / "ok" / "nf4" / "model.safetensors").is_file()
+
+
+def test_the_run_model_is_the_recipes(trained_run):
+    "load_run_model builds the base from the run's config.json through the recipe: same seed, same quantization, the trained adapter."
+    from qlora_nb.export import run_config
+    from qlora_nb.lora import is_quantized
+    config = run_config(trained_run)
+    assert (config["quant"], config["blocksize"], config["lora_r"], config["max_length"]) == ("nf4", 128, 4, 128)
+    model, _ = load_run_model(trained_run)
+    assert sum(is_quantized(m) for m in model.modules()) == 28
+    assert all(m.blocksize == 128 for m in model.modules() if is_quantized(m))
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------------------
+def test_gguf_loads_in_transformers(trained_run, exported):
+    "transformers' GGUF loader reads the f16 file back: the merged model's logits within 1e-3, the same tokenizer."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(exported["exports"]["gguf"]["path"])
+    assert path.name == "model-f16.gguf" and path.parent.name == "gguf"
+    merged = AutoModelForCausalLM.from_pretrained(exported["exports"]["merged"]["path"], dtype=torch.float32)
+    _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    reference, theirs = logits_of(merged, tokenizer), logits_of(loaded, tokenizer)
+    assert (theirs - reference).abs().max() < 1e-3
+    assert (theirs.argmax(-1) == reference.argmax(-1)).all()
+    read_back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Convert 3 km to meters."}], tokenize=False, add_generation_prompt=True)
+    for text in ["A week has seven days.", chat, "  spaces\tand 123 digits\n"]:
+        assert read_back(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert read_back.chat_template == tokenizer.chat_template
+    check = exported["exports"]["gguf"]["check"]
+    assert check["rel_diff"] < 1e-5 and check["tokenizer_agrees"]  # exactly the f16-rounded weights
+
+
+def test_gguf_metadata_is_what_llama_cpp_reads(exported):
+    import gguf
+    reader = gguf.GGUFReader(exported["exports"]["gguf"]["path"])
+    field = lambda key: reader.fields[key].contents()
+    assert field("general.architecture") == "llama" and field("general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert (field("llama.block_count"), field("llama.embedding_length"), field("llama.attention.head_count"),
+            field("llama.attention.head_count_kv"), field("llama.rope.dimension_count")) == (4, 128, 4, 2, 32)
+    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "gpt-2")
+    assert len(field("tokenizer.ggml.tokens")) == 2048 and field("tokenizer.ggml.tokens")[field("tokenizer.ggml.eos_token_id")] == "<|im_end|>"
+    assert "<|im_start|>" in field("tokenizer.chat_template")
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert len(names) == 1 + 1 + 4 * 9 and "output.weight" not in names  # tied head: llama.cpp reuses token_embd
+    assert names["blk.3.ffn_down.weight"] == "F16" and names["output_norm.weight"] == "F32"
+
+
+def test_gguf_q8_0_from_the_command_line(trained_run, tmp_path, capsys):
+    import gguf
+    from transformers import AutoModelForCausalLM
+    assert export_main([str(trained_run), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path)]) == 0
+    assert "gguf: " in capsys.readouterr().out
+    path = tmp_path / "gguf" / "model-q8_0.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    report = json.loads((tmp_path / "export.json").read_text())["exports"]["gguf"]
+    assert report["type"] == "q8_0" and report["check"]["rel_diff"] < 1e-5 and report["check"]["rounding_rel_diff"] < 0.03
+    merged, tokenizer = load_run_model(trained_run)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    reference = logits_of(merged, tokenizer)
+    assert (logits_of(loaded, tokenizer) - reference).abs().max() < 0.03 * reference.abs().max()
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from qlora_nb.export import export_gguf
+    _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="GGUF export writes the Llama architecture; this model has model_type='gpt2'"):
+        export_gguf(gpt2, tokenizer, tmp_path / "gpt2.gguf")
+    biased = LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, attention_bias=True))
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        export_gguf(biased, tokenizer, tmp_path / "biased.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_write_is_atomic(trained_run, tmp_path, monkeypatch):
+    "A write that fails half-way leaves neither the file nor its temporary behind; an existing file is kept unless overwrite."
+    import gguf
+    from qlora_nb.export import export_gguf
+    model, tokenizer = load_run_model(trained_run)
+    from qlora_nb.export import dequantize_model
+    from qlora_nb.lora import merge_lora
+    merged = merge_lora(dequantize_model(model))
+    def broken(self, *args, **kwargs): raise OSError("disk full")
+    with monkeypatch.context() as patched:
+        patched.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
+        with pytest.raises(OSError, match="disk full"):
+            export_gguf(merged, tokenizer, tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
+    export_gguf(merged, tokenizer, tmp_path / "model.gguf")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        export_gguf(merged, tokenizer, tmp_path / "model.gguf")
+    export_gguf(merged, tokenizer, tmp_path / "model.gguf", "q8_0", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

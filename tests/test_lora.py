@@ -4,10 +4,9 @@ import copy, json
 import peft
 import pytest
 import torch
-from torch import nn
 
 from qlora_nb.core import set_seed
-from qlora_nb.lora import (LoRAConfig, LoRALinear, add_lora, load_adapter, lora_state_dict, merge_lora, save_adapter,
+from qlora_nb.lora import (LoRAConfig, LoRALinear, add_lora, load_adapter, merge_lora, save_adapter,
                            trainable_report)
 from qlora_nb.models import load_base
 

@@ -1,32 +1,21 @@
 """qlora_nb.methods: every method trains, native QLoRA matches PEFT LoRA on the dequantized weights, and the backends interoperate."""
-import copy
+import copy, subprocess, sys
 
 import peft
 import pytest
 import torch
-from torch import nn
 
 from qlora_nb.core import set_seed
-from qlora_nb.lora import LoRAConfig, LoRALinear, add_lora, load_adapter, save_adapter
-from qlora_nb.memory import causal_lm_loss
+from qlora_nb.lora import LoRAConfig, LoRALinear, add_lora, load_adapter
+from qlora_nb.export import dequantize_model
+from qlora_nb.loss import causal_lm_loss
 from qlora_nb.methods import METHODS, load_for_training, prepare_model
 from qlora_nb.models import load_base
-from qlora_nb.quant_linear import NF4Linear, quantize_model
+from qlora_nb.quant_linear import quantize_model
 
 
 def tiny():
     model, _ = load_base("tiny", device="cpu", dtype="fp32", seed=0)
-    return model
-
-
-def dequantized(model):
-    "A copy of a 4-bit model with every NF4Linear turned back into an nn.Linear holding the dequantized weight."
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NF4Linear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad(): linear.weight.copy_(module.dequantize())
-            model.set_submodule(name, linear)
     return model
 
 
@@ -35,7 +24,7 @@ def test_qlora_matches_peft_on_dequantized_weights(ids, use_dora):
     "QLoRA is LoRA on the dequantized weights: logits and gradients equal PEFT's LoRA on those weights."
     config = LoRAConfig(r=4, alpha=8, use_dora=use_dora)
     quantized = quantize_model(tiny())
-    reference = dequantized(quantized)
+    reference = dequantize_model(copy.deepcopy(quantized))
     set_seed(3); ours = add_lora(quantized, config)
     set_seed(3); theirs = peft.get_peft_model(reference, config.to_peft())
     with torch.no_grad():
@@ -87,3 +76,39 @@ def test_peft_bnb_adapter_loads_into_native_qlora(tmp_path, ids):
         assert (ours - theirs).abs().max() < 2e-2  # bitsandbytes' CPU matmul is ~2e-3 off fp32 per layer
         with standard.disable_adapter(): update = (theirs - standard(ids).logits).abs().max()
     assert update > 5e-2  # the adapter's effect is much larger than the backends' difference
+
+
+def lora_weights(model):
+    "Every LoRA parameter of `model`, by name, detached."
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_same_seed_same_lora_init(tmp_path, quantize):
+    "load_for_training draws LoRA's init from `seed`, as seeding by hand and then add_lora does, whatever it loads."
+    base, tokenizer = load_base("tiny", device="cpu", dtype="fp32", seed=5)
+    base.save_pretrained(tmp_path / "base"); tokenizer.save_pretrained(tmp_path / "base")  # a folder: loading draws nothing
+    config = LoRAConfig(r=4)
+    loaded = [lora_weights(load_for_training(str(tmp_path / "base"), device="cpu", dtype="fp32", quantize=quantize,
+                                             lora_config=config, seed=7)[0]) for _ in range(2)]
+    by_hand, _ = load_base(str(tmp_path / "base"), device="cpu", dtype="fp32")
+    if quantize: quantize_model(by_hand)
+    set_seed(7); by_hand = lora_weights(add_lora(by_hand, config))
+    assert loaded[0].keys() == loaded[1].keys() == by_hand.keys() and len(by_hand) == 2 * 7 * 4
+    for name, weight in by_hand.items():
+        assert torch.equal(loaded[0][name], weight) and torch.equal(loaded[1][name], weight), name
+
+
+def test_nothing_registered_at_import():
+    "Importing qlora_nb registers no attention with transformers: set_up_training_kernels does, when a model asks for it."
+    code = """
+from transformers import AttentionInterface
+import qlora_nb.recompute, qlora_nb.methods, qlora_nb.memory
+from qlora_nb.recompute import RECOMPUTED_ATTENTION, set_up_training_kernels
+from qlora_nb.models import load_base
+assert RECOMPUTED_ATTENTION not in AttentionInterface().valid_keys()
+set_up_training_kernels(load_base("tiny", device="cpu", dtype="bf16")[0], RECOMPUTED_ATTENTION)
+assert RECOMPUTED_ATTENTION in AttentionInterface().valid_keys()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

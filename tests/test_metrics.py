@@ -1,5 +1,5 @@
 "Metrics by task type against the reference libraries, the no-reference error, and the playground driven from code."
-import copy
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from qlora_nb.core import set_seed
 from qlora_nb.data import load_examples
 from qlora_nb.lora import LoRAConfig, add_lora, lora_disabled
-from qlora_nb.metrics import DecodingConfig, Playground, TASK_TYPES, compare, generate, score, score_rows
+from qlora_nb.metrics import (DecodingConfig, Playground, TASK_TYPES, compare, evaluate_exact_match, exact_match, generate_answers,
+                              score, score_rows)
 from qlora_nb.models import load_base
 
 words = st.lists(st.sampled_from(["red", "blue", "sky", "tiger", "orange", "7", "42"]), min_size=1, max_size=6).map(" ".join)
@@ -30,6 +31,17 @@ def test_scores_match_the_reference_libraries(pairs):
     assert result["exact_match"] == sum(p == r for p, r in pairs) / len(pairs)
     assert all(0 <= v <= 1 + 1e-9 for v in result.values())
 
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(words, words, st.sampled_from(["add_numbers", "uppercase", "weekday_after"])), min_size=1, max_size=8))
+def test_one_exact_match_everywhere(triples):
+    "score_rows' overall, score's exact_match and exact_match are the same number: one normalization, one comparison."
+    rows = [{"output": r, "task": task, "where": f"t:{i}"} for i, (_, r, task) in enumerate(triples)]
+    predictions = [" " + p.replace(" ", "  ") + "\n" for p, _, _ in triples]  # whitespace does not count
+    overall = exact_match(predictions, rows)["overall"]
+    assert score_rows(rows, predictions)["overall"]["exact_match"] == overall
+    assert score(predictions, [r["output"] for r in rows])["exact_match"] == pytest.approx(overall)
+    assert overall == sum(p == r for p, r, _ in triples) / len(triples)
 
 def test_classification_f1_punishes_a_constant_answer():
     references = ["Monday", "Tuesday", "Friday", "Monday"]
@@ -64,8 +76,8 @@ def test_playground_side_by_side(tuned):
     playground = Playground(model, tokenizer, decoding=decoding)
     playground.prompt.value, playground.input.value = row["instruction"], row["input"]
     playground.button.click()
-    expected_tuned = generate(model, tokenizer, [row], decoding)[0]
-    with lora_disabled(model): expected_base = generate(model, tokenizer, [row], decoding)[0]
+    expected_tuned = generate_answers(model, tokenizer, [row], **asdict(decoding))[0]
+    with lora_disabled(model): expected_base = generate_answers(model, tokenizer, [row], **asdict(decoding))[0]
     assert (playground.tuned_output.value, playground.base_output.value) == (expected_tuned, expected_base)
     assert expected_tuned != expected_base and playground.status.value == "done"
 
@@ -77,3 +89,11 @@ def test_compare_scores_both_models(tuned):
     assert comparison.tuned == score_rows(rows, comparison.predictions["tuned"])
     assert comparison.base == score_rows(rows, comparison.predictions["base"])
     assert comparison.forgetting["ratio"] == pytest.approx(comparison.forgetting["ppl_after"] / comparison.forgetting["ppl_before"])
+
+
+def test_evaluate_exact_match_reports_its_answers(tuned):
+    model, tokenizer = tuned
+    rows = load_examples("test")[:4]
+    result = evaluate_exact_match(model, tokenizer, rows, max_new_tokens=3, batch_size=2)
+    assert result["predictions"] == generate_answers(model, tokenizer, rows, **asdict(DecodingConfig(max_new_tokens=3, batch_size=4)))
+    assert result["n"] == 4 and set(result["per_task"]) == {r["task"] for r in rows}

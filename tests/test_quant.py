@@ -1,8 +1,8 @@
-"""qlora_nb.quant against the installed bitsandbytes: a sweep of shapes x dtypes x blocksizes x quant types x
-double quantization, the edge cases, the torch.compile path, safetensors in both directions, and a hypothesis
-property test. Run: .venv/bin/python -m pytest tests/test_quant.py -q"""
-import itertools, json, math, tempfile
-from pathlib import Path
+"""qlora_nb.quant (the reference) and qlora_nb.kernels (the fast paths) against the installed bitsandbytes: a sweep
+of shapes x dtypes x blocksizes x quant types x double quantization, the edge cases, the torch.compile path,
+safetensors in both directions, a hypothesis property test, the kernel switches and the bitsandbytes version gate.
+Run: .venv/bin/python -m pytest tests/test_quant.py -q"""
+import itertools, math
 
 import pytest
 import torch
@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 
-from qlora_nb.quant import (BLOCKSIZES, QuantState, block_absmax, dequantize_4bit, load_quant_state_dict,
-                            quant_state_dict, quantize_4bit, code_midpoints)
-from qlora_nb.quant_linear import DecodeLinear, NF4Linear, bnb_cpu_dequantize, bnb_cpu_kernels, exact_matmuls, quantize_model
+from qlora_nb.quant import BLOCKSIZES, QuantState, block_absmax, code_midpoints, dequantize_4bit_reference, quantize_4bit
+from qlora_nb.kernels import bnb_cpu_dequantize, bnb_cpu_kernels, bnb_verified, dequantize_4bit, exact_matmuls, use_kernels
+from qlora_nb.quant_linear import DecodeLinear, NF4Linear, quantize_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,6 +55,7 @@ def assert_same_as_bnb(A, quant_type="nf4", blocksize=64, double_quant=True, fas
     out = dequantize_4bit(packed, state, fast=fast)
     assert out.dtype == A.dtype and out.shape == A.shape
     assert torch.equal(out, bnb_dequantize_flat(ref_packed, ref_state)), "dequantized values differ"
+    assert torch.equal(dequantize_4bit_reference(packed, state), out), "the reference and the kernel differ"
     return packed, state, out
 
 
@@ -129,13 +130,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match="nan"): quantize_4bit(torch.tensor([1.0, float("nan")] * 64))
     with pytest.raises(ValueError, match="-inf"): quantize_4bit(torch.tensor([1.0, float("-inf")] * 64).bfloat16())
     packed, state = quantize_4bit(torch.randn(10, 64))
-    with pytest.raises(ValueError, match="packed has"): dequantize_4bit(packed[:-1], state)
-    bad = QuantState(state.absmax[:-1], state.shape, state.code, 64, "nf4", torch.float32, state.offset, state.state2)
-    with pytest.raises(ValueError, match="absmax has 9 entries"): dequantize_4bit(packed, bad)
-    bad = QuantState(state.absmax, state.shape, state.code, 64, "nf5", torch.float32, state.offset, state.state2)
-    with pytest.raises(ValueError, match="quant_state.quant_type='nf5'"): dequantize_4bit(packed, bad)
-    bad = QuantState(state.absmax, state.shape, state.code, 64, "nf4", torch.float64, state.offset, state.state2)
-    with pytest.raises(ValueError, match="quant_state.dtype"): dequantize_4bit(packed, bad)
+    for dequantize in (dequantize_4bit, dequantize_4bit_reference):
+        with pytest.raises(ValueError, match="packed has"): dequantize(packed[:-1], state)
+        bad = QuantState(state.absmax[:-1], state.shape, state.code, 64, "nf4", torch.float32, state.offset, state.state2)
+        with pytest.raises(ValueError, match="absmax has 9 entries"): dequantize(packed, bad)
+        bad = QuantState(state.absmax, state.shape, state.code, 64, "nf5", torch.float32, state.offset, state.state2)
+        with pytest.raises(ValueError, match="quant_state.quant_type='nf5'"): dequantize(packed, bad)
+        bad = QuantState(state.absmax, state.shape, state.code, 64, "nf4", torch.float64, state.offset, state.state2)
+        with pytest.raises(ValueError, match="quant_state.dtype"): dequantize(packed, bad)
 
 
 # ---- the torch.compile path must give the same bytes as eager and as bnb ----
@@ -224,7 +226,7 @@ def test_bnb_cpu_dequantize_is_bit_identical(quant_type, double_quant, blocksize
     for dtype in DTYPES:
         out = bnb_cpu_dequantize(packed, state, torch.empty(shape, dtype=dtype))
         if blocksize >= 2048: assert out is None  # bitsandbytes' own CPU path falls back there too
-        else: assert out is not None and torch.equal(out, dequantize_4bit(packed, state, dtype))
+        else: assert out is not None and torch.equal(out, dequantize_4bit_reference(packed, state, dtype))
     layer = NF4Linear(packed, state)
     assert torch.equal(layer.dequantize(scratch=True), layer.dequantize())
 
@@ -308,3 +310,75 @@ def test_property_roundtrip(values, rows, quant_type, blocksize, double_quant, d
         absmax = block_absmax(state).repeat_interleave(blocksize)[: A.numel()]
         bound = absmax * MAX_HALF_GAP[quant_type] * (1 + 1e-6) + out.float().abs() * torch.finfo(dtype).eps
         assert ((out.float() - A.float()).abs() <= bound + 1e-30).all()
+
+
+# ---- the kernel switches and the bitsandbytes version gate ----
+def test_unverified_bnb_version_falls_back_with_the_same_bits(monkeypatch):
+    "On a bitsandbytes release the C calls were not checked against, nothing is handed to C and every result keeps its bits."
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(512, 96), "fp4", 64, True)
+    x = torch.randn(3, 512)
+    with torch.no_grad(), exact_matmuls(): exact = layer(x)
+    trained = layer.dequantize(scratch=True).clone()
+    monkeypatch.setattr(bnb, "__version__", "0.99.0")
+    assert not bnb_verified() and bnb_cpu_kernels() == {}
+    assert bnb_cpu_dequantize(layer.weight, layer.quant_state, torch.empty(96, 512)) is None
+    assert torch.equal(layer.dequantize(scratch=True), trained)
+    assert torch.equal(trained, dequantize_4bit_reference(layer.weight, layer.quant_state))
+    with torch.no_grad(): assert torch.equal(layer(x), exact)  # no fused kernel: the exact matmul
+
+
+def test_exact_matmuls_in_one_thread_leaves_another_thread_fast():
+    "A dashboard trains in its own thread: an evaluation that asks for exact matmuls must not switch its kernels off."
+    import threading
+    ours, _ = ours_and_bnb(vocab_size=4096)
+    last = torch.randn(1, 1, 128)
+    entered, release, seen = threading.Event(), threading.Event(), []
+    def evaluation():
+        with exact_matmuls():
+            entered.set(); release.wait(10)
+    worker = threading.Thread(target=evaluation); worker.start()
+    entered.wait(10)
+    with torch.no_grad(): seen.append(ours.lm_head._uses_row_kernel(last))  # this thread, while the other is inside
+    release.set(); worker.join()
+    assert seen == [True]
+
+
+def test_decode_kernel_switch_keeps_tokens_and_logits_close():
+    "decode_kernel off (F.linear) and on (compiled row kernel) give the same greedy tokens, logits within fp32 rounding."
+    ours, _ = ours_and_bnb(vocab_size=4096)
+    prompt = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        last = ours.model(prompt).last_hidden_state[:, -1:]  # (1, 1, hidden)
+        with use_kernels(decode_kernel=True): fast = ours.lm_head(last)
+        with use_kernels(decode_kernel=False): exact = ours.lm_head(last)
+    assert torch.equal(exact, torch.nn.functional.linear(last, ours.lm_head.weight))
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)  # measured: max 1.8e-7 on logits of magnitude ~1
+    with use_kernels(decode_kernel=True): tokens_fast = ours.generate(prompt, max_new_tokens=8, do_sample=False)
+    with use_kernels(decode_kernel=False): tokens_exact = ours.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(tokens_fast, tokens_exact)
+
+
+def test_cpu_kernels_switch_keeps_training_bits():
+    "cpu_kernels off and on give the same training forward and input gradient, bit for bit (the C dequantize is exact)."
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(256, 64), "nf4", 64, True)
+    results = []
+    for cpu_kernels in (True, False):
+        x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with use_kernels(cpu_kernels=cpu_kernels):
+            y = layer(x); y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.skipif(not bnb_cpu_kernels(), reason="bitsandbytes has no AVX512-BF16 kernel on this CPU")
+def test_cpu_kernels_switch_inference_within_bf16_tolerance():
+    "With autograd off, cpu_kernels on (fused bf16) and off (exact fp32) agree to bf16 rounding: 2e-2 relative, 3e-3 typical."
+    ours, _ = ours_and_bnb()
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with use_kernels(cpu_kernels=True): fast = ours(ids).logits
+        with use_kernels(cpu_kernels=False): exact = ours(ids).logits
+    assert not torch.equal(fast, exact)
+    assert ((fast - exact).norm() / exact.norm()).item() < 2e-2

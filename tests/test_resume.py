@@ -2,7 +2,6 @@
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,12 +4,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 
-from qlora_nb.dashboard import LogTail, RunData
+from qlora_nb.runlog import LogTail, RunData, read_run_log
 from qlora_nb.models import load_base
-from qlora_nb.search import run_search, search_data, search_figures, search_table, check_space
-from qlora_nb.trainer import read_run_log
+from qlora_nb.search import SEARCHABLE, check_space, run_search, search_data, search_figures, search_table, train_trial
 
 SPACE = {"r": [4, 8], "alpha": [8, 16], "dropout": (0.0, 0.1), "lr": (1e-5, 3e-2, "log"),
          "target_modules": {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all": "all-linear"}, "blocksize": [64, 128]}
@@ -24,10 +22,10 @@ def study(tmp_path_factory, embedded_subset):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tmp = tmp_path_factory.mktemp("search")
     _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
-    splits = search_data(tokenizer, *embedded_subset(tmp, 48, 16))
+    data = search_data(tokenizer, *embedded_subset(tmp, 48, 16))
     good = {"r": 8, "alpha": 16, "dropout": 0.0, "lr": 2e-2, "target_modules": "all", "blocksize": 64}
     bad = {**good, "lr": 1e-5, "blocksize": 128}
-    return run_search(SPACE, tmp / "study", n_trials=3, splits=splits, quantize=True, max_steps=8, eval_steps=4, batch_size=8,
+    return run_search(SPACE, tmp / "study", n_trials=3, data=data, quantize=True, max_steps=8, eval_steps=4, batch_size=8,
                       device="cpu", dtype="fp32", enqueue=[good, bad]), tmp / "study"
 
 
@@ -71,3 +69,16 @@ def test_empty_space_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the search space is empty"): run_search({}, tmp_path)
     with pytest.raises(ValueError, match="has no values"): check_space({"blocksize": []})
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_a_trial_records_the_config_it_ran(tmp_path, embedded_subset):
+    "The max_length and data files in a trial's config.json are the ones its rows were made with."
+    _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
+    train, val = embedded_subset(tmp_path, 16, 8)
+    data = search_data(tokenizer, train, val, max_length=40)
+    assert max(len(row["input_ids"]) for row in data.train) == 40  # some rows were cut: the length matters
+    train_trial({**SEARCHABLE, "lr": 1e-2}, tmp_path / "run", data, quantize=False, max_steps=1, eval_steps=1, device="cpu", dtype="fp32")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["max_length"], config["data"], config["val"], config["eval_rows"]) == (40, str(train), str(val), 8)
+    meta = read_run_log(tmp_path / "run" / "run.jsonl")[0]
+    assert meta["config"] == config

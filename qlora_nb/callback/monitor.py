@@ -10,14 +10,15 @@ from collections import deque
 import torch
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as text_tqdm
+from transformers import TrainerCallback
 
-from ..core import check_in, check_range, human_bytes
+from ..core import check_in, check_range
 from .core import (Callback, CancelBatchException, CancelFitException, CancelStepException,
                                     CANCEL_EXCEPTIONS, run_event, sort_callbacks)
 
 # %% auto #0
-__all__ = ['RECOMMENDATIONS', 'module_of', 'GradientMonitor', 'StabilityMonitor', 'peak_rss_bytes', 'ThroughputMonitor',
-           'ProgressBar', 'HFTrainerView', 'HFCallbackBridge']
+__all__ = ['RECOMMENDATIONS', 'module_of', 'ModuleNorms', 'GradientMonitor', 'StabilityReports', 'StabilityMonitor',
+           'peak_rss_bytes', 'ThroughputMonitor', 'ProgressBar', 'HFTrainerView', 'run_hf_event', 'HFCallbackBridge']
 
 # %% ../../nbs/06_callback.monitor.ipynb #e8929dc7
 def module_of(param_name:str) -> str:
@@ -26,7 +27,19 @@ def module_of(param_name:str) -> str:
         if marker in param_name: return param_name.split(marker)[0]
     return param_name.rsplit(".", 1)[0]
 
-# %% ../../nbs/06_callback.monitor.ipynb #46e4d1b6
+# %% ../../nbs/06_callback.monitor.ipynb #9c3fe6e3
+class ModuleNorms:
+    "L2 norms per module of a fixed list of named tensors: one `_foreach_norm` call and one transfer to the CPU."
+    def __init__(self, names:list[str]):  # the tensors' parameter names, in model order
+        self.modules = list(dict.fromkeys(map(module_of, names)))  # in model order
+        self.index = torch.tensor([self.modules.index(module_of(n)) for n in names])  # tensor -> module
+
+    def __call__(self, tensors:list[torch.Tensor]) -> torch.Tensor:  # aligned with `names`
+        "The L2 norm of each module's tensors together, as a (modules,) CPU tensor."
+        squares = torch.stack(torch._foreach_norm(tensors)).float().cpu() ** 2  # (tensors,)
+        return torch.zeros(len(self.modules)).index_add_(0, self.index, squares).sqrt()  # (modules,)
+
+# %% ../../nbs/06_callback.monitor.ipynb #dfd79f64
 class GradientMonitor(Callback):
     "Global and per-module gradient norms before clipping, the clip count and the update-to-weight ratio."
     order = 10
@@ -40,19 +53,13 @@ class GradientMonitor(Callback):
     def load_state_dict(self, state:dict): self.clip_count = state["clip_count"]
 
     def before_fit(self, trainer):
-        self.names = [n for n, p in trainer.trainable.items()]
-        self.params = [trainer.trainable[n] for n in self.names]
-        self.modules = list(dict.fromkeys(map(module_of, self.names)))  # in model order
-        self.index = torch.tensor([self.modules.index(module_of(n)) for n in self.names])  # tensor -> module
-
-    def _module_norms(self, tensors:list[torch.Tensor]) -> torch.Tensor:
-        "L2 norm per module of `tensors` (aligned with `self.params`), as a (modules,) CPU tensor."
-        squares = torch.stack(torch._foreach_norm(tensors)).float().cpu() ** 2  # (tensors,)
-        return torch.zeros(len(self.modules)).index_add_(0, self.index, squares).sqrt()  # (modules,)
+        self.names, self.params = list(trainer.trainable), list(trainer.trainable.values())
+        self.norms = ModuleNorms(self.names)
+        self.modules = self.norms.modules
 
     def before_step(self, trainer):
         present = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in self.params]
-        norms = self._module_norms(present)  # (modules,)
+        norms = self.norms(present)  # (modules,)
         total = float(norms.pow(2).sum().sqrt())
         clipped = bool(trainer.max_norm and total > trainer.max_norm)
         self.clip_count += clipped
@@ -68,8 +75,7 @@ class GradientMonitor(Callback):
     def after_step(self, trainer):
         if self._before is None: return
         with torch.no_grad():
-            delta = self._module_norms(torch._foreach_sub([p.detach() for p in self.params], self._before))
-            weight = self._module_norms(self._before)
+            delta, weight = self.norms(torch._foreach_sub([p.detach() for p in self.params], self._before)), self.norms(self._before)
         ratio = float(delta.pow(2).sum().sqrt() / weight.pow(2).sum().sqrt().clamp_min(1e-12))
         self.update_ratios.append((trainer.step, ratio))
         trainer.log(update_ratio=ratio)
@@ -83,9 +89,10 @@ RECOMMENDATIONS = {
     "stagnation": "raise the lr, check that labels are not all masked (-100) and that the LoRA parameters require grad",
 }
 
-class StabilityMonitor(Callback):
-    "Detect NaN/inf losses or gradients, loss explosions and stagnation; warn, skip the step or stop."
-    order = 20
+
+# %% ../../nbs/06_callback.monitor.ipynb #3b2a6b9a
+class StabilityReports(Callback):
+    "What `StabilityMonitor` remembers (recent step losses, issues) and how it reports an issue and acts on it."
     def __init__(self, action:str="warn",  # 'warn', 'skip' (drop the bad update) or 'stop' (keep the last good checkpoint)
                  explosion_factor:float=3.0,  # a micro-batch loss above this × the recent median is an explosion
                  window:int=50,  # step losses compared for stagnation (and whose median explosions are measured against)
@@ -119,6 +126,10 @@ class StabilityMonitor(Callback):
             self._skip = True
             raise CancelBatchException()
 
+# %% ../../nbs/06_callback.monitor.ipynb #440d4905
+class StabilityMonitor(StabilityReports):
+    "Detect NaN/inf losses or gradients, loss explosions and stagnation; warn, skip the step or stop."
+    order = 20
     def after_loss(self, trainer):
         loss = float(trainer.loss.detach())
         if not math.isfinite(loss): self._report(trainer, "nonfinite_loss", f"the loss is {loss}")
@@ -206,9 +217,7 @@ class ProgressBar(Callback):
     def after_fit(self, trainer):
         if self.bar is not None: self.bar.close(); self.bar = None
 
-# %% ../../nbs/06_callback.monitor.ipynb #95aa1c24
-from transformers import TrainerCallback
-
+# %% ../../nbs/06_callback.monitor.ipynb #ac147b25
 class HFTrainerView:
     "What qlora_nb callbacks read from a trainer, filled from transformers' Trainer state."
     def __init__(self, args, model=None, optimizer=None, lr_scheduler=None):
@@ -224,17 +233,32 @@ class HFTrainerView:
     def log(self, **values): self.records.update(values)
     def event(self, name:str, **fields): self.events.append({"event": name, "step": self.step, **fields})
 
+    def read_log(self, state, logs:dict):  # transformers' TrainerState, and an `on_log` record with a `loss`
+        "Take a logged step's loss, grad norm and lr; `step` is left one short, as `after_loss` sees it (not yet done)."
+        self.epoch = int(state.epoch or 0)
+        self.step_loss, self.grad_norm = float(logs["loss"]), logs.get("grad_norm")
+        self.step_lr = logs.get("learning_rate", self.step_lr)
+        self.loss, self.step = torch.tensor(self.step_loss), state.global_step - 1
+
+# %% ../../nbs/06_callback.monitor.ipynb #aeb463b4
+def run_hf_event(callbacks:list[Callback],  # sorted qlora_nb callbacks
+                 event:str,  # one of `callback.core.EVENTS`
+                 view:HFTrainerView,  # the trainer the callbacks see
+                 control):  # transformers' TrainerControl, returned with the flags a cancel sets
+    "Run `event` on `callbacks`, turning their `Cancel*Exception`s into transformers' controls."
+    try: run_event(callbacks, event, view)
+    except CancelFitException: control.should_training_stop = True
+    except CancelStepException:
+        for p in view.trainable.values(): p.grad = None  # optimizers skip parameters without a gradient
+    except CANCEL_EXCEPTIONS: pass
+    return control
+
+# %% ../../nbs/06_callback.monitor.ipynb #1aae856f
 class HFCallbackBridge(TrainerCallback):
     "Run qlora_nb callbacks inside transformers' Trainer (and TRL's SFTTrainer)."
     def __init__(self, callbacks): self.callbacks, self.view = sort_callbacks(callbacks), None
 
-    def _run(self, event:str, control):
-        try: run_event(self.callbacks, event, self.view)
-        except CancelFitException: control.should_training_stop = True
-        except CancelStepException:
-            for p in self.view.trainable.values(): p.grad = None  # optimizers skip parameters without a gradient
-        except CANCEL_EXCEPTIONS: pass
-        return control
+    def _run(self, event:str, control): return run_hf_event(self.callbacks, event, self.view, control)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         self.view = HFTrainerView(args, model, optimizer, lr_scheduler)
@@ -251,15 +275,10 @@ class HFCallbackBridge(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs): return self._run("before_step", control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs: return control
-        view = self.view
-        view.step, view.epoch = state.global_step, int(state.epoch or 0)
-        view.step_loss, view.grad_norm = float(logs["loss"]), logs.get("grad_norm")
-        view.step_lr = logs.get("learning_rate", view.step_lr)
-        view.loss, view.step = torch.tensor(view.step_loss), view.step - 1  # after_loss sees the step as not yet done
+        if "loss" not in (logs or {}): return control
+        self.view.read_log(state, logs)
         self._run("after_loss", control)
-        view.step = state.global_step
+        self.view.step = state.global_step
         return self._run("after_step", control)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
