@@ -18,7 +18,7 @@ __all__ = ['KERNEL_DEFAULTS', 'HUGE_PAGE', 'HUGE_OUTPUT_MIN', 'WORD_DTYPE', 'BNB
            'cpu_kernel_layout', 'cpu_kernel_matmul', 'decode_row_matmul']
 
 # %% ../nbs/01a_kernels.ipynb #cf2229e8
-KERNEL_DEFAULTS = {"cpu_kernels": True, "decode_kernel": True}  # the choices outside any `use_kernels` block
+KERNEL_DEFAULTS = {"cpu_kernels": True, "decode_kernel": True, "exact": False}  # the choices outside any `use_kernels` block
 _choices = threading.local()  # per thread: `current`, the choices in force
 
 def kernel_choices() -> dict:
@@ -28,9 +28,10 @@ def kernel_choices() -> dict:
 @contextlib.contextmanager
 def use_kernels(cpu_kernels:bool|None=None,  # bitsandbytes' C kernels on the CPU; None: leave as it is
                 decode_kernel:bool|None=None,  # DecodeLinear's one-row kernel; None: leave as it is
+                exact:bool|None=None,  # True: only kernels that give the plain path's bits (no bf16 matmul, no row kernel)
                 ):
     "Inside this block, in this thread only, use (True) or avoid (False) each kernel; nests and restores."
-    asked = {"cpu_kernels": cpu_kernels, "decode_kernel": decode_kernel}
+    asked = {"cpu_kernels": cpu_kernels, "decode_kernel": decode_kernel, "exact": exact}
     for name, value in asked.items(): check_in(value, (None, True, False), f"use_kernels {name}")
     before = kernel_choices()
     _choices.current = {**before, **{name: value for name, value in asked.items() if value is not None}}
@@ -38,8 +39,8 @@ def use_kernels(cpu_kernels:bool|None=None,  # bitsandbytes' C kernels on the CP
     finally: _choices.current = before
 
 def exact_matmuls():
-    "Inside this block, inference multiplies as training does: no bf16 CPU kernel, no one-row head kernel."
-    return use_kernels(cpu_kernels=False, decode_kernel=False)
+    "Inside this block, inference multiplies as training does: no bf16 CPU kernel, no one-row head kernel (exact dequantizing stays)."
+    return use_kernels(exact=True)
 
 # %% ../nbs/01a_kernels.ipynb #8cda3774
 HUGE_PAGE = 2 << 20  # bytes in a transparent huge page (x86-64 and most arm64 Linux)

@@ -52,7 +52,8 @@ class DecodeLinear(nn.Linear):
 
     def _uses_row_kernel(self, x:torch.Tensor) -> bool:
         "`decode_kernel` on in this thread, one fp32 row, autograd off, on the CPU, and a weight worth a compiled kernel."
-        return (kernel_choices()["decode_kernel"] and not torch.is_grad_enabled() and x.numel() == self.in_features
+        choices = kernel_choices()
+        return (choices["decode_kernel"] and not choices["exact"] and not torch.is_grad_enabled() and x.numel() == self.in_features
                 and x.dtype == self.weight.dtype == torch.float32 and _fast(x, self.weight.numel()))
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
@@ -138,7 +139,8 @@ class NF4Linear(_Linear4bitStateDict):
 
     def _uses_cpu_kernel(self, x) -> bool:
         "`cpu_kernels` on in this thread, autograd off, on a CPU where bitsandbytes has the fused kernel, a shape it takes."
-        return (kernel_choices()["cpu_kernels"] and not torch.is_grad_enabled() and x.device.type == "cpu" and self.quant_type in bnb_cpu_kernels()
+        choices = kernel_choices()
+        return (choices["cpu_kernels"] and not choices["exact"] and not torch.is_grad_enabled() and x.device.type == "cpu" and self.quant_type in bnb_cpu_kernels()
                 and self.out_features % 32 == 0 and self.in_features % self.blocksize == 0)
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +186,11 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not _skipped(name, skip)]
     for name, linear in targets:
-        model.set_submodule(name, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
+        model.set_submodule(name, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype).train(linear.training))
         linear.weight = None  # free the full-precision copy now, not at the end
     if decode_kernel:
         for name, linear in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _skipped(n, skip)]:
-            model.set_submodule(name, DecodeLinear.from_linear(linear))
+            model.set_submodule(name, DecodeLinear.from_linear(linear).train(linear.training))
     own_tensors(model)
     trim_heap()  # and give the freed full-precision weights back to the OS
     return model

@@ -10,15 +10,13 @@ from collections import deque
 import torch
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as text_tqdm
-from transformers import TrainerCallback
 
 from ..core import check_in, check_range
-from .core import (Callback, CancelBatchException, CancelFitException, CancelStepException,
-                                    CANCEL_EXCEPTIONS, run_event, sort_callbacks)
+from .core import Callback, CancelBatchException, CancelFitException, CancelStepException
 
 # %% auto #0
 __all__ = ['RECOMMENDATIONS', 'module_of', 'ModuleNorms', 'GradientMonitor', 'StabilityReports', 'StabilityMonitor',
-           'peak_rss_bytes', 'ThroughputMonitor', 'ProgressBar', 'HFTrainerView', 'run_hf_event', 'HFCallbackBridge']
+           'peak_rss_bytes', 'ThroughputMonitor', 'ProgressBar']
 
 # %% ../../nbs/06_callback.monitor.ipynb #e8929dc7
 def module_of(param_name:str) -> str:
@@ -216,80 +214,3 @@ class ProgressBar(Callback):
 
     def after_fit(self, trainer):
         if self.bar is not None: self.bar.close(); self.bar = None
-
-# %% ../../nbs/06_callback.monitor.ipynb #ac147b25
-class HFTrainerView:
-    "What qlora_nb callbacks read from a trainer, filled from transformers' Trainer state."
-    def __init__(self, args, model=None, optimizer=None, lr_scheduler=None):
-        self.model, self.optimizer, self.scheduler = model, optimizer, lr_scheduler
-        self.device = torch.device(args.device) if hasattr(args, "device") else torch.device("cpu")
-        self.max_norm = args.max_grad_norm or None
-        self.batch_size, self.grad_accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-        self.step = self.epoch = 0; self.max_steps = max(args.max_steps, 1); self.steps_per_epoch = None
-        self.loss = self.step_loss = self.grad_norm = self.eval_loss = self.eval_ppl = self.best_eval_loss = None
-        self.step_lr, self.records, self.events, self.stop_reason, self.resumed_from = 0.0, {}, [], None, None
-        self.micro_step, self.batch, self.last_checkpoint = 0, {}, None
-        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
-    def log(self, **values): self.records.update(values)
-    def event(self, name:str, **fields): self.events.append({"event": name, "step": self.step, **fields})
-
-    def read_log(self, state, logs:dict):  # transformers' TrainerState, and an `on_log` record with a `loss`
-        "Take a logged step's loss, grad norm and lr; `step` is left one short, as `after_loss` sees it (not yet done)."
-        self.epoch = int(state.epoch or 0)
-        self.step_loss, self.grad_norm = float(logs["loss"]), logs.get("grad_norm")
-        self.step_lr = logs.get("learning_rate", self.step_lr)
-        self.loss, self.step = torch.tensor(self.step_loss), state.global_step - 1
-
-# %% ../../nbs/06_callback.monitor.ipynb #aeb463b4
-def run_hf_event(callbacks:list[Callback],  # sorted qlora_nb callbacks
-                 event:str,  # one of `callback.core.EVENTS`
-                 view:HFTrainerView,  # the trainer the callbacks see
-                 control):  # transformers' TrainerControl, returned with the flags a cancel sets
-    "Run `event` on `callbacks`, turning their `Cancel*Exception`s into transformers' controls."
-    try: run_event(callbacks, event, view)
-    except CancelFitException: control.should_training_stop = True
-    except CancelStepException:
-        for p in view.trainable.values(): p.grad = None  # optimizers skip parameters without a gradient
-    except CANCEL_EXCEPTIONS: pass
-    return control
-
-# %% ../../nbs/06_callback.monitor.ipynb #1aae856f
-class HFCallbackBridge(TrainerCallback):
-    "Run qlora_nb callbacks inside transformers' Trainer (and TRL's SFTTrainer)."
-    def __init__(self, callbacks): self.callbacks, self.view = sort_callbacks(callbacks), None
-
-    def _run(self, event:str, control): return run_hf_event(self.callbacks, event, self.view, control)
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        self.view = HFTrainerView(args, model, optimizer, lr_scheduler)
-        self.view.max_steps, self.view.step = state.max_steps, state.global_step
-        return self._run("before_fit", control)
-
-    def on_epoch_begin(self, args, state, control, **kwargs): return self._run("before_epoch", control)
-    def on_epoch_end(self, args, state, control, **kwargs): return self._run("after_epoch", control)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.view.records, self.view.step = {}, state.global_step
-        if self.view.optimizer is not None: self.view.step_lr = self.view.optimizer.param_groups[0]["lr"]
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs): return self._run("before_step", control)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if "loss" not in (logs or {}): return control
-        self.view.read_log(state, logs)
-        self._run("after_loss", control)
-        self.view.step = state.global_step
-        return self._run("after_step", control)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics = metrics or {}
-        if "eval_loss" in metrics:
-            self.view.eval_loss = float(metrics["eval_loss"]); self.view.eval_ppl = math.exp(min(self.view.eval_loss, 50))
-        self._run("before_eval", control)
-        return self._run("after_eval", control)
-
-    def on_save(self, args, state, control, **kwargs):
-        self.view.last_checkpoint = f"{args.output_dir}/checkpoint-{state.global_step}"
-        return self._run("after_save", control)
-
-    def on_train_end(self, args, state, control, **kwargs): return self._run("after_fit", control)
