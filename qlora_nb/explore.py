@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_explore.ipynb #9855a88c
 from __future__ import annotations
-import contextlib, html, json, math, time
+import contextlib, html, math, time
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -19,7 +19,7 @@ from .models import load_base
 from .runlog import read_run_log
 from .metrics import perplexity
 from .memory import MemoryEstimate, estimate_memory
-from .recipe import build_model, resolve_config, resolve_device
+from .recipe import build_model, load_config_file, resolve_config, resolve_device
 from .dashboard import RunForm, check_run_config, default_run_config
 
 # %% auto #0
@@ -292,7 +292,7 @@ def run_config(run_dir:str|Path) -> dict:
     "A run's settings (its config.json), with 'auto' device and dtype replaced by what the run resolved them to."
     path = Path(run_dir) / "config.json"
     if not path.is_file(): raise FileNotFoundError(f"no config.json in {run_dir}: only runs made by the recipe (qlora-nb train, the dashboard) have one")
-    config = json.loads(path.read_text())
+    config = resolve_config(load_config_file(path))  # checked as any config file is
     log = Path(run_dir) / "run.jsonl"
     meta = next((r for r in read_run_log(log) if r.get("type") == "meta"), {}) if log.is_file() else {}
     resolved = meta.get("resolved") or {}
