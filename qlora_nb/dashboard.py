@@ -15,10 +15,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .core import check_in, check_range
-from .models import BUILTIN, resolve_model_path
-from .data import resolve_data_path
 from .runlog import LogTail, RunData
-from .recipe import SETTINGS, Setting, build, check_setting, fit_and_evaluate, lora_config, resolve_config
+from .recipe import SETTINGS, Setting, build, check_inputs, check_setting, fit_and_evaluate, lora_config, resolve_config
 from .callback.control import TrainingControl
 
 # %% auto #0
@@ -379,8 +377,7 @@ def check_run_config(config:dict) -> dict:
     "`config` checked as `qlora-nb train` checks it; ValueError (or FileNotFoundError) naming the setting otherwise."
     checked = {key: check_setting(key, value, "form") for key, value in config.items()}
     lora_config(checked)  # a target regex must compile
-    if checked["model"] not in BUILTIN: resolve_model_path(checked["model"])
-    resolve_data_path(checked["data"])
+    check_inputs(resolve_config(overrides=checked))  # the files the run will read, as `recipe.build` checks them
     return checked
 
 def default_run_config(**overrides) -> dict:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .core import compute_dtype, data_dir, default_device
-from .models import load_base
+from .models import BUILTIN, load_base, resolve_model_path
 from .kernels import use_kernels
 from .quant_linear import quantize_model
 from .lora import LoRAConfig, save_adapter
@@ -30,7 +30,7 @@ __all__ = ['DATA_SETTINGS', 'ADAPTER_SETTINGS', 'TRAINING_SETTINGS', 'SPEED_SETT
            'FINGERPRINT_KEYS', 'Setting', 'check_setting', 'resolve_config', 'load_config_file', 'fingerprint',
            'check_resumable', 'prepare_run_dir', 'resolve_device', 'lora_config', 'build_model', 'spread_over_tasks',
            'build_rows', 'evaluate_model', 'build_trainer', 'Run', 'evaluation_line', 'fit_and_evaluate', 'run_summary',
-           'build', 'settings_markdown']
+           'check_inputs', 'build', 'settings_markdown']
 
 # %% ../nbs/06c_recipe.ipynb #57f6ea41
 def _as_number(value, integer:bool, bad:Exception):
@@ -395,8 +395,9 @@ def run_summary(run:Run) -> dict:
             "adapter": str(run.run_dir / "adapter"), "report": str(run.run_dir / "report.html"), "run_log": str(run.run_dir / "run.jsonl")}
 
 # %% ../nbs/06c_recipe.ipynb #0f387740
-def _check_inputs(config:dict):
-    "FileNotFoundError naming the setting when a data file or the general text is missing, before any model loads."
+def check_inputs(config:dict):
+    "FileNotFoundError naming the setting when the model folder, a data file or the general text is missing; nothing loads."
+    if config["model"] not in BUILTIN: resolve_model_path(config["model"])
     for key in ("data", "val") + (("test",) if config["em_examples"] else ()): resolve_data_path(config[key])
     if config["ppl_max_tokens"] and config["general_text"] != "general" and not Path(config["general_text"]).is_file():
         raise FileNotFoundError(f"general_text={config['general_text']!r}: no such file")
@@ -409,7 +410,7 @@ def build(config:dict,  # settings; the defaults fill in the rest (see `SETTINGS
          ) -> Run:
     "Check `config`, prepare its run directory and make the run: model, rows and trainer, resumed if asked."
     config = resolve_config(overrides=config)
-    _check_inputs(config)
+    check_inputs(config)
     checkpoint = prepare_run_dir(config, resume, overwrite)
     device, dtype = resolve_device(config)
     model, tokenizer = build_model(config, device, dtype)
