@@ -16,17 +16,30 @@ from datasets import Dataset, DatasetDict
 from .core import check_in, check_range, data_dir
 
 # %% auto #0
-__all__ = ['FORMATS', 'SPLITS', 'SURROGATE', 'PLAIN_TEMPLATE', 'DataError', 'resolve_data_path', 'detect_format', 'canonical_row',
-           'load_data', 'load_examples', 'check_template', 'user_text', 'uses_chat_template', 'split_example',
+__all__ = ['FORMATS', 'SPLITS', 'FILE_TYPES', 'DATA_FORMATS_HELP', 'READERS', 'SURROGATE', 'SHAREGPT_ROLES', 'CANONICAL_FIELDS',
+           'PLAIN_TEMPLATE', 'DataError', 'resolve_data_path', 'detect_format', 'canonical_row', 'load_data',
+           'load_examples', 'check_template', 'user_text', 'uses_chat_template', 'split_turns', 'split_example',
            'format_prompt', 'tokenize_dataset', 'make_collator']
 
 # %% ../nbs/03_data.ipynb #57734c3a
 class DataError(ValueError):
     "Bad fine-tuning data; the message names the file and line (or row) and says what is wrong."
 
-FORMATS = {"instruction": ("instruction", "output"), "completion": ("prompt", "completion"),
-           "chat": ("messages",), "text": ("text",)}  # the fields each format requires
+FORMATS = {"instruction": ("instruction", "output"), "completion": ("prompt", "completion"), "chat": ("messages",),
+           "sharegpt": ("conversations",), "text": ("text",)}  # the fields each format requires, in detection order
 SPLITS = ("train", "val", "test")  # the embedded splits, in `data_dir()`
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # and folders written by Dataset.save_to_disk
+
+DATA_FORMATS_HELP = """\
+data: a .jsonl, .json (a list of objects), .csv (with a header), .parquet or .txt file, or a folder written by
+  Dataset.save_to_disk; in a .txt file every paragraph (up to a blank line) is one text row. The row format is
+  detected from the fields; map other names with fields, e.g. {"instruction": "question", "output": "answer"}:
+  instruction  {"instruction": "Name the capital.", "input": "France", "output": "Paris"}  (input optional)
+  completion   {"prompt": "The capital of France is", "completion": " Paris."}
+  chat         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+  sharegpt     {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+  text         {"text": "Any document to continue."}
+  Any row may carry a "task" name; chat and sharegpt rows learn every assistant turn."""
 
 def resolve_data_path(path_or_name:str|Path,  # 'train', 'val', 'test' (embedded) or a file or saved-dataset folder
                       ) -> Path:
@@ -34,8 +47,9 @@ def resolve_data_path(path_or_name:str|Path,  # 'train', 'val', 'test' (embedded
     if isinstance(path_or_name, str) and path_or_name in SPLITS: return data_dir() / f"{path_or_name}.jsonl"
     path = Path(path_or_name)
     if not path.exists():
-        raise FileNotFoundError(f"no data at {path}: pass 'train', 'val' or 'test' for the embedded splits, or the path "
-                                "of a .jsonl, .json, .csv or .parquet file or of a folder written by Dataset.save_to_disk")
+        raise FileNotFoundError(f"no data at {path}: pass 'train', 'val' or 'test' for the embedded splits, or the path of "
+                                f"a {', '.join(FILE_TYPES)} file or of a folder written by Dataset.save_to_disk, "
+                                f"holding rows in the {', '.join(FORMATS)} format")
     return path
 
 # %% ../nbs/03_data.ipynb #65a9baa3
@@ -99,6 +113,21 @@ def _read_arrow(path:Path, split:str) -> Iterator[tuple[str, dict|DataError]]:
     else: loaded = Dataset(pyarrow.parquet.read_table(path))  # read directly: no copy into the HF cache
     for i, record in enumerate(loaded): yield f"{path}: row {i}", record
 
+# %% ../nbs/03_data.ipynb #d1a7e0c3
+def _read_txt(path:Path) -> Iterator[tuple[str, dict|DataError]]:
+    "One {'text': paragraph} per blank-line-separated paragraph, named by the line it starts on."
+    text = _decode_file(path.read_bytes().removeprefix(codecs.BOM_UTF8), path)
+    paragraph, start = [], 0
+    for number, line in enumerate(text.split("\n") + [""], 1):  # the extra empty line ends the last paragraph
+        if line.strip():
+            if not paragraph: start = number
+            paragraph.append(line.rstrip("\r"))
+        elif paragraph:
+            yield f"{path}:{start}", {"text": "\n".join(paragraph)}
+            paragraph = []
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt}  # and .parquet, folders
+
 # %% ../nbs/03_data.ipynb #db550acb
 def detect_format(columns, fields:dict|None=None, where:str="data") -> str:
     "The first format in FORMATS whose required fields are all among `columns` (after the `fields` mapping)."
@@ -125,6 +154,8 @@ def _string(record, name, column, where, optional=False):
     return value
 
 # %% ../nbs/03_data.ipynb #bfda6112
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` -> the chat role
+
 def canonical_row(record:dict, fmt:str, where:str, fields:dict|None=None) -> dict:
     "Check one record of format `fmt` and return it as {instruction, input, output, task, where(, messages)}."
     col = lambda name: (fields or {}).get(name, name)
@@ -143,9 +174,10 @@ def _canonical(record, fmt, where, col):
                     output=_string(record, "completion", col("completion"), where), task=task, where=where)
     if fmt == "text":
         return dict(instruction="", input="", output=_string(record, "text", col("text"), where), task=task, where=where)
-    messages = record.get(col("messages"))
+    messages = _sharegpt_messages(record, col("conversations"), where) if fmt == "sharegpt" else record.get(col("messages"))
+    name = col("conversations") if fmt == "sharegpt" else col("messages")
     if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{where}: field {col('messages')!r} must be a list of at least two messages, got {messages!r:.80}")
+        raise DataError(f"{where}: field {name!r} must be a list of at least two messages, got {messages!r:.80}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict): raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {message!r:.80}")
         for key in ("role", "content"): _string(message, key, key, f"{where}: message {i}")
@@ -154,10 +186,36 @@ def _canonical(record, fmt, where, col):
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
     return dict(instruction="", input="", output=messages[-1]["content"], task=task, where=where, messages=prompt)
 
+def _sharegpt_messages(record, column, where) -> list:
+    "The turns of a ShareGPT conversation as chat messages."
+    turns = record.get(column)
+    if not isinstance(turns, list): return turns  # reported as not a list of messages
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict): raise DataError(f"{where}: turn {i} must be an object with 'from' and 'value', got {turn!r:.80}")
+        speaker, value = (_string(turn, key, key, f"{where}: turn {i}") for key in ("from", "value"))
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: turn {i} is from {speaker!r}, which is not one of {', '.join(map(repr, SHAREGPT_ROLES))}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
 # %% ../nbs/03_data.ipynb #c37ab3d8
+CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages", "conversations", "text",
+                    "task", "label")  # the names `fields` may map
+
+def _check_fields(fields:dict|None, columns:list, path:Path):
+    "Raise unless each key of `fields` is a canonical field and each column it names is in the file."
+    for key, column in (fields or {}).items():
+        if key not in CANONICAL_FIELDS:
+            raise DataError(f"fields key {key!r} is not one of {', '.join(map(repr, CANONICAL_FIELDS))}: "
+                            "map a canonical name to your column, e.g. {'output': 'answer'}")
+        if column not in columns:
+            raise DataError(f"{path}: fields maps {key!r} to the column {column!r}, which the file does not have; "
+                            f"its columns are {', '.join(map(repr, columns)) or 'none'}")
+
 def load_data(path_or_name:str|Path="train",  # 'train', 'val', 'test' (embedded) or a data file or saved-dataset folder
               fields:dict|None=None,  # canonical name -> your column name, e.g. {'output': 'answer'}
-              fmt:str|None=None,  # 'instruction', 'completion', 'chat' or 'text'; detected from the fields when None
+              fmt:str|None=None,  # one of FORMATS; detected from the fields when None
               skip_bad_rows:bool=False,  # skip and list bad rows instead of raising
               split:str="train",  # the split to read from a saved DatasetDict
               ) -> tuple[Dataset, list[str]]:
@@ -165,11 +223,9 @@ def load_data(path_or_name:str|Path="train",  # 'train', 'val', 'test' (embedded
     if fmt is not None: check_in(fmt, FORMATS, "fmt")
     path = resolve_data_path(path_or_name)
     suffix = path.suffix.lower()
-    if path.is_dir() or suffix == ".parquet": records = _read_arrow(path, split)
-    else:
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-        check_in(suffix, readers, f"the file type of {path}")
-        records = readers[suffix](path)
+    if not path.is_dir() and suffix != ".parquet": check_in(suffix, [*READERS, ".parquet"], f"the file type of {path}")
+    records = list(_read_arrow(path, split) if path.is_dir() or suffix == ".parquet" else READERS[suffix](path))
+    _check_fields(fields, list(dict.fromkeys(k for _, r in records if isinstance(r, dict) for k in r)), path)
     rows, skipped = [], []
     for where, record in records:
         try:
@@ -213,30 +269,56 @@ def user_text(row:dict) -> str:
 def uses_chat_template(tokenizer) -> bool: return bool(getattr(tokenizer, "chat_template", None))
 
 # %% ../nbs/03_data.ipynb #71cd408c
-def split_example(tokenizer, row:dict,  # a canonical row
-                  template:str|None=None,  # a template with one {output}; None for the default
-                  ) -> tuple[str, str]:
-    "The prompt text and the answer text of one row."
-    where = row.get("where", "row")
+def split_turns(tokenizer, row:dict,  # a canonical row
+                template:str|None=None,  # a template with one {output}; None for the default
+                ) -> list[tuple[str, bool]]:
+    "The text of one row as (piece, learned) pairs; the learned pieces are the assistant's answers with their ends."
     if not row.get("instruction") and not row.get("input") and not row.get("messages"):  # plain text: all answer
-        return "", row["output"] + (tokenizer.eos_token or "")
-    if not uses_chat_template(tokenizer):
-        before, after = check_template(template or PLAIN_TEMPLATE)
-        if row.get("messages"): prompt = "".join(f"{m['role']}: {m['content']}\n" for m in row["messages"]) + "assistant: "
-        else: prompt = _bos_text(tokenizer) + _fill(before, row, "template")
-        return prompt, row["output"] + (_fill(after, row, "template") if after else "") + (tokenizer.eos_token or "")
+        return [("", False), (row["output"] + (tokenizer.eos_token or ""), True)]
+    if not uses_chat_template(tokenizer): return _plain_turns(tokenizer, row, template)
     if template is None: before, after = "{prompt}", ""
     else: before, after = check_template(template)
     messages = row.get("messages") or [{"role": "user", "content": _fill(before, row, "template").strip()}]
     answer = row["output"] + (_fill(after, row, "template") if after else "")
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
-    if not full.startswith(prompt):
-        raise DataError(f"{where}: the chat template renders the prompt differently once the answer is added, "
-                        "so prompt and answer cannot be told apart; pass a plain template instead")
-    if answer.strip() not in full[len(prompt):]:
-        raise DataError(f"{where}: the chat template drops the answer {answer!r:.60}: nothing would be learned")
-    return prompt, full[len(prompt):]
+    return _chat_turns(tokenizer, messages + [{"role": "assistant", "content": answer}], row.get("where", "row"))
+
+def _plain_turns(tokenizer, row, template) -> list[tuple[str, bool]]:
+    before, after = check_template(template or PLAIN_TEMPLATE)
+    answer = row["output"] + (_fill(after, row, "template") if after else "") + (tokenizer.eos_token or "")
+    if not row.get("messages"): return [(_bos_text(tokenizer) + _fill(before, row, "template"), False), (answer, True)]
+    pieces, text = [], ""
+    for m in row["messages"]:
+        if m["role"] == "assistant" and (pieces or text):
+            pieces += [(text + "assistant:", False), (" " + m["content"] + "\n", True)]; text = ""  # the space with the word, as BPE merges it
+        else: text += f"{m['role']}: {m['content']}\n"
+    return pieces + [(text + "assistant: ", False), (answer, True)]
+
+def _chat_turns(tokenizer, conversation:list[dict], where:str) -> list[tuple[str, bool]]:
+    "Render a conversation ending in an assistant turn, split before and after each assistant turn."
+    pieces, done = [], ""
+    for j, message in enumerate(conversation):
+        if message["role"] != "assistant" or j == 0: continue  # an opening assistant message is context
+        prompt = tokenizer.apply_chat_template(conversation[:j], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(conversation[:j + 1], tokenize=False)
+        if not prompt.startswith(done):
+            raise DataError(f"{where}: the chat template renders earlier turns differently once message {j} follows, so the "
+                            "earlier answers cannot be told apart; keep one assistant turn per row or pass a plain template")
+        if not full.startswith(prompt):
+            raise DataError(f"{where}: the chat template renders the prompt differently once the answer is added, "
+                            "so prompt and answer cannot be told apart; pass a plain template instead")
+        if message["content"].strip() not in full[len(prompt):]:
+            raise DataError(f"{where}: the chat template drops the answer {message['content']!r:.60}: nothing would be learned")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return pieces
+
+# %% ../nbs/03_data.ipynb #d1a7e0c5
+def split_example(tokenizer, row:dict,  # a canonical row
+                  template:str|None=None,  # a template with one {output}; None for the default
+                  ) -> tuple[str, str]:
+    "The prompt text (everything before the last answer) and the last answer's text of one row."
+    pieces = split_turns(tokenizer, row, template)
+    return "".join(text for text, _ in pieces[:-1]), pieces[-1][0]
 
 def _bos_text(tokenizer) -> str:
     "The BOS token's text when the tokenizer adds one by itself, since we tokenize with add_special_tokens=False."
@@ -250,11 +332,11 @@ def format_prompt(tokenizer, row:dict, template:str|None=None) -> str:
 # %% ../nbs/03_data.ipynb #26d9b2de
 def tokenize_dataset(ds:Dataset, tokenizer,
                      max_length:int=128,  # longer rows are cut at the end
-                     mask_prompt:bool=True,  # labels -100 on prompt tokens: loss on the answer only
+                     mask_prompt:bool=True,  # labels -100 on prompt tokens: loss on the answers only
                      template:str|None=None,  # the template for every task (None: chat template or PLAIN_TEMPLATE)
                      task_templates:dict|None=None,  # task name -> template, overriding `template`
                      ) -> tuple[Dataset, dict]:
-    "Tokenize canonical rows into input_ids, labels, length and task; return it and counts of truncated and dropped rows."
+    "Tokenize canonical rows into input_ids, labels, length and task; return it and what was truncated or dropped."
     check_range(max_length, "max_length", low=2)
     task_templates = task_templates or {}
     for name, text in task_templates.items(): check_template(text, f"task_templates[{name!r}]")
@@ -262,26 +344,28 @@ def tokenize_dataset(ds:Dataset, tokenizer,
 
     def encode(batch):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        pairs = [split_example(tokenizer, r, task_templates.get(r["task"], template)) for r in rows]
-        prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
-        out = dict(input_ids=[], labels=[], length=[], task=[], truncated=[], where=[])
-        for row, prompt, answer in zip(rows, prompt_ids, answer_ids):
-            ids = (prompt + answer)[:max_length]
-            labels = ([-100] * len(prompt) if mask_prompt else prompt) + answer
-            out["input_ids"].append(ids); out["labels"].append(labels[:max_length]); out["length"].append(len(ids))
+        pieces = [split_turns(tokenizer, r, task_templates.get(r["task"], template)) for r in rows]
+        piece_ids = iter(tokenizer([text for p in pieces for text, _ in p], add_special_tokens=False)["input_ids"])
+        out = dict(input_ids=[], labels=[], length=[], task=[], full_length=[], where=[])
+        for row, row_pieces in zip(rows, pieces):
+            ids, labels = [], []
+            for (_, learned), piece in zip(row_pieces, piece_ids):
+                ids += piece; labels += piece if learned or not mask_prompt else [-100] * len(piece)
+            out["input_ids"].append(ids[:max_length]); out["labels"].append(labels[:max_length])
+            out["length"].append(min(len(ids), max_length)); out["full_length"].append(len(ids))
             out["task"].append(row["task"]); out["where"].append(row["where"])
-            out["truncated"].append(len(prompt) + len(answer) > max_length)
         return out
 
     tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing")
+    lengths, wheres = list(tokenized["full_length"]), list(tokenized["where"])
     no_answer = [i for i, labels in enumerate(tokenized["labels"]) if all(l == -100 for l in labels)]
-    stats = dict(rows=len(tokenized), truncated=sum(tokenized["truncated"]),
-                 dropped_no_answer=[tokenized[i]["where"] for i in no_answer])
+    stats = dict(rows=len(tokenized), truncated=sum(n > max_length for n in lengths),
+                 truncated_rows=[w for w, n in zip(wheres, lengths) if n > max_length],
+                 dropped_no_answer=[wheres[i] for i in no_answer], lengths=lengths)
     if no_answer: tokenized = tokenized.select(sorted(set(range(len(tokenized))) - set(no_answer)))
     if len(tokenized) == 0:
         raise DataError(f"no rows left after tokenization: all {stats['rows']} lost their answer to max_length={max_length}")
-    return tokenized.remove_columns(["truncated", "where"]), stats
+    return tokenized.remove_columns(["full_length", "where"]), stats
 
 # %% ../nbs/03_data.ipynb #9aca0672
 def make_collator(tokenizer, pad_to_multiple_of:int|None=None,  # round the padded length up, e.g. 8 for tensor cores

@@ -1,5 +1,6 @@
 """The data pipeline against files on disk: one fixture file per kind of bad input, the odd-but-fine inputs, the
-embedded dataset (reproducible, correct answers, no leakage) and SmolLM2's real tokenizer."""
+embedded dataset (reproducible, correct answers, no leakage), the user-data fixtures of every format (held-out
+splits, multi-turn labels, the data report on a dirty file) and SmolLM2's real tokenizer."""
 import importlib.util, json, re
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from qlora_nb.core import data_dir
-from qlora_nb.data import DataError, format_prompt, load_data, load_examples, make_collator, split_example
-from qlora_nb.prepare import build_datasets, clean
+from qlora_nb.data import DataError, format_prompt, load_data, load_examples, make_collator, split_example, tokenize_dataset
+from qlora_nb.prepare import MIN_HELDOUT_ROWS, build_datasets, clean, hold_out
 from qlora_nb.models import tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -59,7 +60,7 @@ def test_bad_input_stops_build_before_training(tokenizer):
     with pytest.raises(DataError, match=re.escape(f"{FIXTURES / 'wrong_type.jsonl'}:4: field 'output' must be a string")):
         build_datasets(tokenizer, train=FIXTURES / "wrong_type.jsonl")
     dd = build_datasets(tokenizer, train=FIXTURES / "wrong_type.jsonl", skip_bad_rows=True)
-    assert len(dd["train"]) == 3 and dd.data_report.skipped["train"][0].startswith(f"{FIXTURES / 'wrong_type.jsonl'}:4:")
+    assert len(dd["train"]) == 3 and dd.data_report.splits["train"].bad_rows[0].startswith(f"{FIXTURES / 'wrong_type.jsonl'}:4:")
 
 
 def test_empty_after_filtering_names_the_rows(tokenizer):
@@ -85,10 +86,13 @@ def test_chat_template_that_drops_the_answer(tokenizer):
         split_example(dropping, row)
 
 
-def test_missing_file_and_unknown_type():
-    with pytest.raises(FileNotFoundError, match="no data at .*nope.jsonl"): load_data(FIXTURES / "nope.jsonl")
-    with pytest.raises(ValueError, match=r"'.txt' is not one of '.jsonl', '.json', '.csv'"):
-        load_data(FIXTURES / "template_drops_answer.txt")
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no data at .*nope.jsonl: .* a .jsonl, .json, .csv, .parquet, .txt file .* "
+                                                r"in the instruction, completion, chat, sharegpt, text format"):
+        load_data(FIXTURES / "nope.jsonl")
+    (tmp_path / "data.tsv").write_text("instruction\toutput\na\tb\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"'.tsv' is not one of '.jsonl', '.json', '.csv', '.txt', '.parquet'"):
+        load_data(tmp_path / "data.tsv")
 
 
 # ---- inputs that are fine must pass -----------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def test_odd_but_fine_input_is_accepted(tokenizer):
     assert rows[0] == dict(instruction="Echo 1.", input="", output="1", task="default", where=f"{path}:1")  # extra fields dropped
     assert rows[1]["input"] == "" and rows[2]["output"] == "café ✓"  # optional input missing; UTF-8 kept
     dd = build_datasets(tokenizer, train=path, val=path)
-    assert len(dd["train"]) == 3 and dd.data_report.tokenization["train"]["truncated"] == 0
+    assert len(dd["train"]) == 3 and dd.data_report.splits["train"].truncated == []
 
 
 def test_cleaning_reports_each_step(tokenizer, tmp_path):
@@ -164,8 +168,8 @@ def test_embedded_answers_are_right_and_splits_do_not_leak():
 def test_embedded_data_with_smollm2_tokenizer(smollm2_tokenizer):
     dd = build_datasets(smollm2_tokenizer, test="test")
     report = dd.data_report
-    assert report.validation.findings == []
-    assert all(report.tokenization[s]["truncated"] == 0 for s in ("train", "val", "test"))
+    assert report.validation.findings == [] and report.notes() == []
+    assert all(s.truncated == [] and s.n_dropped() == 0 for s in report.splits.values())
     assert max(dd["train"]["length"]) < 100  # prompt + answer with the ChatML template and its system prompt
     row = load_examples("test")[0]
     prompt = format_prompt(smollm2_tokenizer, row)
@@ -187,3 +191,116 @@ def test_collator_pads_dynamically(tokenizer):
         n = len(r["input_ids"])
         assert batch["input_ids"][i, :n].tolist() == r["input_ids"] and batch["labels"][i, :n].tolist() == r["labels"]
         assert batch["attention_mask"][i].sum() == n and (batch["labels"][i, n:] == -100).all()
+
+
+# ---- the user-data fixtures: every format, held out 10%/10% ------------------------------------------------------
+def _make_fixtures():
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    return module
+
+
+def test_fixtures_are_reproducible_byte_for_byte():
+    for name, text in _make_fixtures().render().items():
+        assert (FIXTURES / name).read_bytes() == text.encode("utf-8"), f"{name} differs from what make_fixtures.py writes"
+
+
+USER_FILES = [  # fixture, build_datasets options, the format its rows must come out in
+    ("alpaca.jsonl", {}, "instruction"), ("chat.jsonl", {}, "chat"), ("sharegpt.json", {}, "chat"), ("notes.txt", {}, "text"),
+    ("qa.csv", dict(fields={"instruction": "question", "output": "answer"}), "instruction"),
+    ("dirty.jsonl", dict(skip_bad_rows=True), "instruction"),
+]
+
+@pytest.mark.parametrize("name,options,kind", USER_FILES)
+def test_each_fixture_holds_out_val_and_test(tokenizer, name, options, kind):
+    dd = build_datasets(tokenizer, train=FIXTURES / name, val=None, test_fraction=0.1, max_length=256, **options)
+    splits = dd.data_report.splits
+    assert list(splits) == ["train", "val", "test"] and splits["test"].source == f"{FIXTURES / name} (held out)"
+    assert sum(s.read for s in splits.values()) >= 100 and all(s.read >= MIN_HELDOUT_ROWS for s in splits.values())
+    assert len(dd.test_rows) == len(dd["test"]) >= MIN_HELDOUT_ROWS - 1  # dirty.jsonl may lose its empty row
+    held = {r["where"] for r in dd.test_rows}
+    assert all(r["where"].startswith(str(FIXTURES / name)) for r in dd.test_rows)
+    row = dd.test_rows[0]
+    assert {"chat": bool(row.get("messages")), "text": not row["instruction"] and not row.get("messages"),
+            "instruction": bool(row["instruction"])}[kind], row
+    again = build_datasets(tokenizer, train=FIXTURES / name, val=None, test_fraction=0.1, max_length=256, **options)
+    assert {r["where"] for r in again.test_rows} == held  # seeded
+
+
+def test_fixtures_have_tasks_and_multi_turn_rows():
+    alpaca = load_examples(FIXTURES / "alpaca.jsonl")
+    assert len({r["task"] for r in alpaca}) >= 3 and sum(bool(r["input"]) for r in alpaca) > 30
+    chats = load_examples(FIXTURES / "chat.jsonl") + load_examples(FIXTURES / "sharegpt.json")
+    multi = [r for r in chats if any(m["role"] == "assistant" for m in r["messages"])]
+    assert 40 <= len(multi) < len(chats) and any(m["role"] == "system" for r in chats for m in r["messages"])
+    notes = load_examples(FIXTURES / "notes.txt")
+    assert len(notes) >= 80 and notes[1]["where"] == f"{FIXTURES / 'notes.txt'}:3" and "\n" in notes[1]["output"]
+
+
+def test_every_assistant_turn_is_learned(tokenizer):
+    row = next(r for r in load_examples(FIXTURES / "chat.jsonl") if len(r["messages"]) == 3)  # user, assistant, user
+    plain = tiny_tokenizer(); plain.chat_template = None
+    for tok in (tokenizer, plain):
+        tokenized, _ = tokenize_dataset(load_data(FIXTURES / "chat.jsonl")[0].filter(lambda r: r["where"] == row["where"]), tok, max_length=512)
+        learned = tok.decode([t for t, l in zip(tokenized[0]["input_ids"], tokenized[0]["labels"]) if l != -100])
+        assert row["messages"][1]["content"] in learned and row["output"] in learned, learned
+        assert row["messages"][0]["content"] not in learned and row["messages"][2]["content"] not in learned, learned
+        prompt = format_prompt(tok, row)
+        assert prompt.endswith("<|im_start|>assistant\n" if tok is tokenizer else "assistant: ") and row["output"] not in prompt
+        assert row["messages"][1]["content"] in prompt  # the earlier answer is context for the last
+
+
+def test_sharegpt_unknown_speaker(tmp_path):
+    path = tmp_path / "talk.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+                                {"conversations": [{"from": "human", "value": "Hi"}, {"from": "assistant", "value": "Hey"}]}]))
+    with pytest.raises(DataError, match=re.escape(f"{path}: row 1: turn 1 is from 'assistant', which is not one of 'human', 'gpt', 'system'")):
+        load_data(path)
+
+
+def test_fields_mapping_names_missing_column():
+    with pytest.raises(DataError) as error:
+        load_data(FIXTURES / "qa.csv", fields={"instruction": "question", "output": "response"})
+    assert str(error.value) == (f"{FIXTURES / 'qa.csv'}: fields maps 'output' to the column 'response', which the file does not "
+                                "have; its columns are 'question', 'answer'")
+
+
+def test_held_out_split_too_small_or_too_large(tokenizer):
+    good_odd = FIXTURES / "good_odd.jsonl"
+    with pytest.raises(DataError) as error: build_datasets(tokenizer, train=good_odd, val=None)
+    assert str(error.value) == (f"val_fraction=0.1 would hold out 0 of the 3 rows of {good_odd}, fewer than "
+                                "MIN_HELDOUT_ROWS=10, too few to measure anything; pass a validation file with val=...")
+    with pytest.raises(DataError, match=r"test_fraction=0.05 would hold out 6 of the 120 rows of .*alpaca.jsonl, .* raise test_fraction to at least 0.09"):
+        build_datasets(tokenizer, train=FIXTURES / "alpaca.jsonl", val=None, test_fraction=0.05)
+    with pytest.raises(DataError, match=r"val_fraction=0.5 \+ test_fraction=0.6 = 1.1 must be below 1"):
+        build_datasets(tokenizer, train=FIXTURES / "missing.jsonl", val=None, val_fraction=0.5, test_fraction=0.6)  # before reading
+    rows = load_data(FIXTURES / "alpaca.jsonl")[0]
+    parts = hold_out(rows, 0.1, 0.1, seed=0)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [96, 12, 12]
+
+
+def test_data_report_on_dirty_file(tokenizer):
+    dirty, alpaca = FIXTURES / "dirty.jsonl", FIXTURES / "alpaca.jsonl"
+    dd = build_datasets(tokenizer, train=dirty, val=alpaca, max_length=128, skip_bad_rows=True)
+    report = json.loads(json.dumps(dd.data_report.to_dict()))
+    train, val = report["splits"]["train"], report["splits"]["val"]
+    at = lambda *lines: [f"{dirty}:{n}" for n in lines]
+    assert (train["source"], train["read"], train["kept"]) == (str(dirty), 120, 114)
+    assert {reason: d["first"] for reason, d in train["dropped"].items()} == {
+        "bad row": at(5), "empty": at(25), "duplicate": at(12, 40, 60), "over length": [], "no answer left": at(30)}
+    assert train["bad_rows"] == [f"{dirty}:5: malformed JSON: Expecting ',' delimiter at column 62"]
+    assert train["duplicates"] == {"count": 3, "first": at(12, 40, 60)}
+    assert train["truncated"] == {"count": 2, "first": at(30, 50)}
+    assert train["tokens"]["max"] > 500 and train["tokens"]["min"] <= train["tokens"]["median"] <= train["tokens"]["p90"] <= train["tokens"]["p99"]
+    assert (val["read"], val["kept"], val["overlap_with_train"]) == (120, 120, {"count": 2, "first": [f"{alpaca}:1", f"{alpaca}:2"]})
+    assert all(d["count"] == 0 for d in val["dropped"].values()) and val["truncated"]["count"] == 0
+    assert report["max_length"] == 128 and report["notes"] == dd.data_report.notes()
+    notes = dd.data_report.notes()
+    assert notes[0] == "train: 2 of 115 rows are longer than max_length=128 and were truncated (longest 873 tokens); raise max_length"
+    assert f"val: 2 rows repeat a training prompt ({alpaca}:1, {alpaca}:2), so val scores overstate what the model learned" in notes
+    table = dd.data_report.table().splitlines()
+    assert table[0].split() == ["split", "read", "dropped", "duplicates", "truncated", "tokens", "median/p90/max"]
+    assert table[1].split()[:5] == ["train", "120", "6", "3", "2"] and table[2].split()[:5] == ["val", "120", "0", "0", "0"]
+    assert [line for line in table if line.startswith("note: ")] == [f"note: {n}" for n in notes[:6]] + (["note: 1 more in DataReport.notes()"] if len(notes) == 7 else [])
+    dropped = build_datasets(tokenizer, train=dirty, val=alpaca, max_length=128, skip_bad_rows=True, drop_long=True).data_report.splits["train"]
+    assert dropped.dropped["over length"] == at(30, 50) and dropped.truncated == []
