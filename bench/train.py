@@ -6,7 +6,12 @@ rounds of `--steps` steps, so machine load affects both alike; we compare the me
 print the overhead as a ratio, by wall clock and by this process's CPU time (steadier on a shared machine; run
 with OMP_NUM_THREADS=1 so CPU time is not inflated by threads waiting for each other). Goal: under 3%.
 
-    .venv/bin/python bench/train.py [--model smollm2-135m|tiny] [--quant none|nf4] [--steps 5] [--rounds 3]
+With `--packing`, the same bare loop instead trains on the embedded training rows twice over: padded to the
+longest row of each batch (`data.make_collator`), and packed into rows of `--max-length` tokens (`packing.pack_rows`,
+`packing.make_packed_collator`), alternating in rounds, and prints the real (non-pad) tokens per second of each and
+their ratio, with the CPU model and flags.
+
+    .venv/bin/python bench/train.py [--model smollm2-135m|tiny] [--quant none|nf4] [--steps 5] [--rounds 3] [--packing]
 """
 import argparse, io, statistics, tempfile, time
 from pathlib import Path
@@ -14,10 +19,13 @@ from pathlib import Path
 import torch
 
 from qlora_nb.callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
+from qlora_nb.core import machine_info
 from qlora_nb.data import make_collator
+from qlora_nb.packing import make_packed_collator, pack_rows
 from qlora_nb.prepare import build_datasets
 from qlora_nb.loss import causal_lm_loss
-from qlora_nb.recipe import build_model, resolve_config
+from qlora_nb.settings import resolve_config
+from qlora_nb.recipe import build_model
 from qlora_nb.runlog import RunLog
 from qlora_nb.trainer import LRSchedule, Trainer, epoch_order
 
@@ -28,10 +36,40 @@ def bare_steps(model, rows, collate, optimizer, scheduler, order, max_norm, chun
     for micro_batches in order:
         for indices in micro_batches:
             batch = collate([rows[i] for i in indices])
-            loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
+            loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size,
+                                  position_ids=batch.get("position_ids"))
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step(); optimizer.zero_grad(set_to_none=True); scheduler.step()
+
+
+def compare_packing(model, tokenizer, rows, args, chunk_size):
+    "Real tokens/s of the bare loop on padded and on packed batches of the same rows, alternating in rounds."
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule("constant"))
+    packed = pack_rows(rows, args.max_length)
+    ways = {"padded": (rows, make_collator(tokenizer)), "packed": (packed, make_packed_collator(tokenizer))}
+    rates = {name: [] for name in ways}
+    for name, (data, collate) in ways.items():  # warm up allocator and kernels
+        bare_steps(model, data, collate, optimizer, scheduler, epoch_order(len(data), 0, 0, args.batch_size)[:1], 0.3, chunk_size)
+    for round_index in range(args.rounds):
+        for name, (data, collate) in ways.items():
+            steps = epoch_order(len(data), 0, round_index + 1, args.batch_size)[:args.steps]
+            real_tokens = sum(len(data[i]["input_ids"]) for micro_batches in steps for batch in micro_batches for i in batch)  # no pads inside a packed row
+            start = time.perf_counter()
+            bare_steps(model, data, collate, optimizer, scheduler, steps, 0.3, chunk_size)
+            rates[name].append(real_tokens / (time.perf_counter() - start))
+        print(f"round {round_index + 1}: " + ", ".join(f"{name} {rates[name][-1]:.0f} tok/s" for name in ways))
+    padded, packed_rate = statistics.median(rates["padded"]), statistics.median(rates["packed"])
+    lengths = [len(r["input_ids"]) for r in rows]
+    machine = machine_info()
+    print(f"model {args.model} (quant {args.quant}, {args.dtype}, attention {getattr(model.config, '_attn_implementation', '?')}), "
+          f"{len(rows)} rows of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}) -> {len(packed)} packed rows "
+          f"of {args.max_length}; batch {args.batch_size}; {args.rounds} rounds of {args.steps} steps each")
+    print(f"CPU {machine['cpu'] or '?'} ({', '.join(machine['cpu_flags']) or 'no speed flags'}), {machine['cores']} cores, "
+          f"{torch.get_num_threads()} threads")
+    print(f"real tokens/s: padded {padded:.0f}, packed {packed_rate:.0f}; packed/padded = {packed_rate / padded:.2f}x")
 
 
 def main():
@@ -42,22 +80,25 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--packing", action="store_true", help="compare packed with padded batches instead")
     args = parser.parse_args()
 
     config = resolve_config(overrides=dict(model=args.model, quant=args.quant, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                                           device="cpu", dtype="fp32"))
+                                           device="cpu", dtype=args.dtype))
     model, tokenizer = build_model(config)
     model.train()
     data = build_datasets(tokenizer, max_length=args.max_length)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data["train"]]
     collate = make_collator(tokenizer)
     total = args.steps * args.rounds
+    if args.packing: return compare_packing(model, tokenizer, rows, args, config["loss_chunk_size"])
 
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = [ThroughputMonitor(), GradientMonitor(), StabilityMonitor(warn=False),
                      RunLog(Path(tmp) / "run.jsonl"), ProgressBar(file=io.StringIO())]
         trainer = Trainer(model, rows, collate, callbacks=callbacks, batch_size=args.batch_size, max_steps=total,
-                          lr=2e-4, warmup_steps=2, device="cpu", dtype="fp32", max_norm=0.3, loss_chunk_size=config["loss_chunk_size"])
+                          lr=2e-4, warmup_steps=2, device="cpu", dtype=args.dtype, max_norm=0.3, loss_chunk_size=config["loss_chunk_size"])
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=2e-4)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule("cosine", 2, total))

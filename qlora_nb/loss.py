@@ -94,13 +94,20 @@ def causal_lm_loss(model:nn.Module,  # a Hugging Face causal LM (or a PEFT model
                    labels:torch.Tensor,  # (B, T), -100 where ignored; shifted inside
                    attention_mask:torch.Tensor|None=None,  # (B, T)
                    chunk_size:int|None=256,  # tokens per chunk of the loss; None: the model's own loss on full logits
+                   position_ids:torch.Tensor|None=None,  # (B, T) packed rows (`qlora_nb.packing`): each example's positions from 0
                   ) -> torch.Tensor:
     "The mean next-token loss of `model` on a batch, computed in chunks (no full logits) unless `chunk_size` is None."
-    if chunk_size is None: return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if position_ids is not None:
+        if attention_mask is not None and attention_mask.ndim == 2:
+            raise ValueError("causal_lm_loss got position_ids and a 2D attention_mask: transformers keeps packed examples apart only "
+                             "without a 2D mask; pass attention_mask=None for packed rows (packing.make_packed_collator gives none)")
+        inputs.update(position_ids=position_ids, use_cache=False)  # no cache: transformers reads packed examples from position_ids
+    if chunk_size is None: return model(**inputs, labels=labels).loss
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise ValueError(f"{type(model).__name__} has {name}={getattr(config, name)!r}; causal_lm_loss supports plain logits only")
     head = model.get_output_embeddings()
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, h)
+    hidden = model.get_decoder()(**inputs).last_hidden_state  # (B, T, h)
     return chunked_lm_loss(hidden, head.weight, labels, chunk_size, lm_head_bias=getattr(head, "bias", None))

@@ -129,7 +129,8 @@ class TrainingSteps(TrainerHooks):
     def training_loss(self) -> torch.Tensor:
         "The current batch's mean next-token loss, chunked over the vocabulary when `loss_chunk_size` is set."
         batch = self.batch
-        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), self.loss_chunk_size)
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), self.loss_chunk_size,
+                              position_ids=batch.get("position_ids"))  # packed rows carry position_ids
 
     def _forward_backward(self):
         with self.autocast(): self.loss = self.training_loss()
@@ -191,7 +192,8 @@ class Evaluation:
                 rows = [self.eval_data[i] for i in range(start, min(start + self.eval_batch_size, len(self.eval_data)))]
                 batch = self.to_device(self.collate_fn(rows))
                 with self.autocast():
-                    loss = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
+                    loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=None,
+                                          position_ids=batch.get("position_ids"))  # the model's own loss
                 n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
                 total_loss += float(loss) * n_tokens; total_tokens += n_tokens
         finally: self.model.train()
