@@ -12,20 +12,24 @@ import numpy as np
 import torch
 from torch import nn
 from safetensors.torch import save_file
+from transformers.pytorch_utils import Conv1D
 
 from .core import atomic_dir, check_in
 from .kernels import exact_matmuls
 from .lora import is_quantized, load_adapter, merge_lora
-from .models import load_base, resolve_model_path
-from .quant_linear import quantize_model
-from .recipe import build_model, load_config_file, resolve_config
+from .models import load_base, resolve_model_path, tiny_config
+from .quant_linear import dense_layer, quantize_model
+from .settings import load_config_file, resolve_config
+from .recipe import build_model
 
 # %% auto #0
-__all__ = ['EXPORT_KINDS', 'INFERENCE_SETTINGS', 'VERIFY_TEXTS', 'LLAMA_GGUF_NAMES', 'GGUF_TYPES', 'EXPORT_RTOL', 'run_adapter',
-           'run_config', 'run_settings', 'load_run_model', 'dequantize_model', 'logits_of', 'compare_logits',
-           'export_merged', 'verify_merged', 'bnb_quantization_config', 'export_nf4', 'verify_nf4', 'export_adapter',
-           'verify_adapter', 'gguf_tensor_name', 'permute_qk', 'gguf_llama_metadata', 'gguf_tokenizer_metadata',
-           'export_gguf', 'gguf_rounded', 'verify_gguf', 'export_run', 'make_export_parser', 'export_main']
+__all__ = ['EXPORT_KINDS', 'INFERENCE_SETTINGS', 'VERIFY_TEXTS', 'LLAMA_GGUF_NAMES', 'GPT2_GGUF_NAMES', 'GGUF_NAMES',
+           'GGUF_ARCHITECTURES', 'GGUF_TYPES', 'EXPORT_RTOL', 'run_adapter', 'run_config', 'run_settings',
+           'load_run_model', 'dequantize_model', 'logits_of', 'compare_logits', 'export_merged', 'verify_merged',
+           'bnb_quantization_config', 'export_nf4', 'verify_nf4', 'export_adapter', 'verify_adapter',
+           'gguf_tensor_name', 'permute_qk', 'gguf_llama_metadata', 'gguf_gpt2_metadata', 'gguf_architecture',
+           'gguf_tokenizer_metadata', 'export_gguf', 'gguf_rounded', 'verify_gguf', 'base_config', 'export_run',
+           'make_export_parser', 'export_main']
 
 # %% ../nbs/14_export.ipynb #9b3a7a96
 EXPORT_KINDS = ("merged", "nf4", "adapter", "gguf")
@@ -77,13 +81,12 @@ def load_run_model(run_dir:Path|str, base:str|None=None, device:str|torch.device
 
 @torch.no_grad()
 def dequantize_model(model:nn.Module) -> nn.Module:
-    "Replace every 4-bit linear layer (also inside LoRA wrappers) with an fp32 `nn.Linear` of its dequantized weight, in place."
+    "Replace every 4-bit linear layer (also inside LoRA wrappers) with an fp32 layer of its dequantized weight, in place."
     for name, module in list(model.named_modules()):
         if not is_quantized(module): continue
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=module.weight.device)
-        dense.weight.copy_(module.dequantize().float())
-        if module.bias is not None: dense.bias.copy_(module.bias.float())
-        model.set_submodule(name, dense.requires_grad_(False))
+        bias = module.bias.float() if module.bias is not None else None
+        fan_in_fan_out = getattr(module, "fan_in_fan_out", False)  # quantized from GPT-2's Conv1D: a Conv1D again, as checkpoints hold it
+        model.set_submodule(name, dense_layer(module.dequantize().float(), bias, fan_in_fan_out))
     return model
 
 # %% ../nbs/14_export.ipynb #f13411b0
@@ -194,15 +197,21 @@ LLAMA_GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_no
                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # transformers -> llama.cpp
 
-def gguf_tensor_name(hf_name:str) -> str:
-    "llama.cpp's name of a transformers Llama parameter: `model.layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`."
+GPT2_GGUF_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
+                   "lm_head": "output", "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                   "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # transformers -> llama.cpp
+GGUF_NAMES = {"llama": ("model.layers.", LLAMA_GGUF_NAMES), "gpt2": ("transformer.h.", GPT2_GGUF_NAMES)}  # arch -> (blocks, names)
+
+def gguf_tensor_name(hf_name:str, arch:str="llama") -> str:
+    "llama.cpp's name of a transformers parameter: `model.layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`."
+    blocks, names = GGUF_NAMES[arch]
     module, suffix = hf_name.rsplit(".", 1)
-    if module.startswith("model.layers."):
-        _, _, layer, rest = module.split(".", 3)
-        if rest in LLAMA_GGUF_NAMES: return f"blk.{layer}.{LLAMA_GGUF_NAMES[rest]}.{suffix}"
-    elif module in LLAMA_GGUF_NAMES: return f"{LLAMA_GGUF_NAMES[module]}.{suffix}"
-    raise ValueError(f"{hf_name!r} is not a parameter of the Llama architecture GGUF knows: expected one of "
-                     f"{', '.join(LLAMA_GGUF_NAMES)} (inside model.layers.N for the per-layer ones)")
+    if module.startswith(blocks):
+        layer, rest = module[len(blocks):].split(".", 1)
+        if rest in names: return f"blk.{layer}.{names[rest]}.{suffix}"
+    elif module in names: return f"{names[module]}.{suffix}"
+    raise ValueError(f"{hf_name!r} is not a parameter of the {'Llama' if arch == 'llama' else arch} architecture GGUF knows: expected one of "
+                     f"{', '.join(names)} (inside {blocks}N for the per-layer ones)")
 
 def permute_qk(weight:torch.Tensor,  # (n_head * head_dim, hidden), a q_proj or k_proj weight
                n_head:int,  # the heads of this projection: attention heads for q, key-value heads for k
@@ -227,6 +236,26 @@ def gguf_llama_metadata(config) -> dict:
             "head_count": config.num_attention_heads, "head_count_kv": config.num_key_value_heads,
             "rope_dimension_count": head_dim, "rope_freq_base": float(rope["rope_theta"]),
             "layer_norm_rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size}
+
+def gguf_gpt2_metadata(config) -> dict:
+    "The `gpt2.*` GGUF metadata of a transformers GPT-2 config; ValueError naming what llama.cpp's GPT-2 cannot express."
+    problems = [] if config.activation_function in ("gelu_new", "gelu_pytorch_tanh") else [f"activation_function={config.activation_function!r}"]
+    expected = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+    problems += [f"{key}={getattr(config, key)}" for key, value in expected.items() if getattr(config, key, value) != value]
+    if problems: raise ValueError(f"GGUF export writes llama.cpp's GPT-2 architecture; this model has {', '.join(problems)}")
+    return {"context_length": config.n_positions, "embedding_length": config.n_embd, "block_count": config.n_layer,
+            "feed_forward_length": config.n_inner or 4 * config.n_embd, "head_count": config.n_head,
+            "layer_norm_eps": float(config.layer_norm_epsilon)}
+
+GGUF_ARCHITECTURES = {"llama": gguf_llama_metadata, "gpt2": gguf_gpt2_metadata}  # model_type -> its `<arch>.*` metadata
+
+def gguf_architecture(config) -> str:
+    "The GGUF architecture of a transformers config (its model_type); ValueError naming it when GGUF export does not write it."
+    if config.model_type not in GGUF_ARCHITECTURES:
+        classes = f" ({', '.join(config.architectures)})" if getattr(config, "architectures", None) else ""
+        raise ValueError(f"GGUF export writes the {' and '.join(GGUF_ARCHITECTURES)} architectures; this model is model_type="
+                         f"{config.model_type!r}{classes}; export it as merged or nf4 instead")
+    return config.model_type
 
 def gguf_tokenizer_metadata(tokenizer, vocab_size:int) -> dict:
     "`tokenizer.ggml.*` metadata of a byte-level BPE tokenizer, its vocabulary padded to the model's `vocab_size`."
@@ -269,30 +298,33 @@ def _write_gguf_metadata(writer, name:str, gguf_type:str, model_meta:dict, vocab
         if special in vocab: getattr(writer, f"add_{special}_token_id")(vocab[special])
     if vocab["chat_template"]: writer.add_chat_template(vocab["chat_template"])
 
-def export_gguf(model:nn.Module,  # a merged fp32 Llama (e.g. loaded from the merged export)
+def export_gguf(model:nn.Module,  # a merged fp32 Llama or GPT-2 (e.g. loaded from the merged export)
                 tokenizer, path:Path|str,  # the .gguf file to write
                 gguf_type:str="f16",  # 'f16' or 'q8_0'
                 name:str="qlora-nb merged model",  # general.name
                 overwrite:bool=False) -> Path:
-    "Write `model` and its tokenizer as one llama.cpp GGUF file (Llama architecture), atomically."
+    "Write `model` and its tokenizer as one llama.cpp GGUF file (Llama or GPT-2 architecture), atomically."
     check_in(gguf_type, GGUF_TYPES, "gguf_type")
     path = Path(path)
     if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     config = model.config
-    model_meta, vocab = gguf_llama_metadata(config), gguf_tokenizer_metadata(tokenizer, config.vocab_size)
+    arch = gguf_architecture(config)
+    model_meta, vocab = GGUF_ARCHITECTURES[arch](config), gguf_tokenizer_metadata(tokenizer, config.vocab_size)
+    conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embeddings.weight
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, arch)
         _write_gguf_metadata(writer, name, gguf_type, model_meta, vocab)
         for hf_name, weight in model.state_dict().items():
-            if hf_name == "lm_head.weight" and tied: continue  # llama.cpp reuses token_embd when there is no output.weight
-            if ".q_proj." in hf_name: weight = permute_qk(weight, config.num_attention_heads)
-            if ".k_proj." in hf_name: weight = permute_qk(weight, config.num_key_value_heads)
+            if hf_name == "lm_head.weight" and tied and arch == "llama": continue  # llama.cpp reuses token_embd (GPT-2's converter copies it)
+            if hf_name.rsplit(".", 1)[0] in conv1d and weight.ndim == 2: weight = weight.T  # (in, out) -> (out, in), as llama.cpp's converter
+            if arch == "llama" and ".q_proj." in hf_name: weight = permute_qk(weight, config.num_attention_heads)
+            if arch == "llama" and ".k_proj." in hf_name: weight = permute_qk(weight, config.num_key_value_heads)
             data, raw_type = _gguf_array(weight, gguf_type)
-            writer.add_tensor(gguf_tensor_name(hf_name), data, raw_dtype=raw_type)
+            writer.add_tensor(gguf_tensor_name(hf_name, arch), data, raw_dtype=raw_type)
         writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
         os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
@@ -303,11 +335,13 @@ def export_gguf(model:nn.Module,  # a merged fp32 Llama (e.g. loaded from the me
 def gguf_rounded(model:nn.Module, gguf_type:str="f16") -> nn.Module:
     "A copy of `model` whose matrices hold exactly what a GGUF file of `gguf_type` stores (f16, or q8_0 blocks)."
     rounded = copy.deepcopy(model)
-    for _, param in rounded.named_parameters():
+    conv1d = {n for n, m in rounded.named_modules() if isinstance(m, Conv1D)}  # stored transposed: q8_0 blocks run along `in`
+    for name, param in rounded.named_parameters():
         if param.ndim != 2: continue
-        data, raw_type = _gguf_array(param, gguf_type)
-        stored = data.astype(np.float32) if raw_type == gguf.GGMLQuantizationType.F16 else gguf.quants.dequantize(data, raw_type)
-        param.copy_(torch.from_numpy(stored))
+        transposed = name.rsplit(".", 1)[0] in conv1d
+        data, raw_type = _gguf_array(param.T if transposed else param, gguf_type)
+        stored = torch.from_numpy(data.astype(np.float32) if raw_type == gguf.GGMLQuantizationType.F16 else gguf.quants.dequantize(data, raw_type))
+        param.copy_(stored.T if transposed else stored)
     return rounded
 
 def verify_gguf(path:Path|str, model:nn.Module,  # the merged fp32 model the file was written from
@@ -317,7 +351,8 @@ def verify_gguf(path:Path|str, model:nn.Module,  # the merged fp32 model the fil
     path = Path(path)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).to(device).eval()
     theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    texts = [*VERIFY_TEXTS, tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_TEXTS[0]}], tokenize=False)]
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_TEXTS[0]}], tokenize=False)] if tokenizer.chat_template else []
+    texts = [*VERIFY_TEXTS, *chat]
     stored = logits_of(gguf_rounded(model, gguf_type), tokenizer)
     rounding = compare_logits(logits_of(model, tokenizer), stored)  # what f16 or q8_0 storage itself costs
     return {**compare_logits(stored, logits_of(loaded, tokenizer)), "rounding_max_abs_diff": rounding["max_abs_diff"],
@@ -378,6 +413,11 @@ def _export_path(out_dir:Path, kind:str, gguf_type:str) -> Path:
     "Where an export goes: a folder per kind, and for gguf one file per type."
     return out_dir / "gguf" / f"model-{gguf_type}.gguf" if kind == "gguf" else out_dir / kind
 
+def base_config(name_or_path:str):
+    "The transformers config of a base model: the tiny model's, or the one in its folder."
+    from transformers import AutoConfig
+    return tiny_config() if name_or_path == "tiny" else AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+
 def export_run(run_dir:Path|str,  # a run directory with adapter/ (and config.json)
                out_dir:Path|str|None=None,  # where the exports go; <run_dir>/export when None
                kinds=EXPORT_KINDS,  # any of 'merged', 'nf4', 'adapter', 'gguf'
@@ -398,6 +438,7 @@ def export_run(run_dir:Path|str,  # a run directory with adapter/ (and config.js
     run_dir = Path(run_dir)
     run_adapter(run_dir)
     settings = run_settings(run_dir, base)
+    if "gguf" in kinds: gguf_architecture(base_config(settings["model"]))  # before any merging
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     for kind in kinds:
         path = _export_path(out_dir, kind, gguf_type)

@@ -12,23 +12,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
 
 from .core import atomic_dir, check_in, check_range, human_bytes
+from .quant_linear import dense_layer, linear_weight
 
 # %% auto #0
-__all__ = ['PEFT_PREFIX', 'is_linear', 'is_quantized', 'dense_weight', 'dora_output', 'MergeableLoRA', 'LoRALinear', 'requantize',
-           'LoRAConfig', 'ModuleToSave', 'output_head_names', 'linear_layer_names', 'find_targets',
-           'mark_only_lora_as_trainable', 'add_lora', 'merge_lora', 'remove_lora', 'lora_disabled', 'lora_state_dict',
-           'TrainableReport', 'trainable_report', 'peft_state_dict', 'peft_config_dict', 'save_adapter',
-           'config_from_peft', 'load_adapter']
+__all__ = ['PEFT_PREFIX', 'is_linear', 'linear_features', 'is_fan_in_fan_out', 'is_quantized', 'dense_weight', 'dora_output',
+           'MergeableLoRA', 'LoRALinear', 'requantize', 'LoRAConfig', 'ModuleToSave', 'output_head_names',
+           'linear_layer_names', 'find_targets', 'mark_only_lora_as_trainable', 'add_lora', 'merge_lora', 'remove_lora',
+           'lora_disabled', 'lora_state_dict', 'TrainableReport', 'trainable_report', 'peft_state_dict',
+           'peft_config_dict', 'save_adapter', 'config_from_peft', 'load_adapter']
 
 # %% ../nbs/02_lora.ipynb #3d6d5603
 def is_linear(module:nn.Module) -> bool:
-    "Whether `module` is a linear layer LoRA can wrap: an nn.Linear or a quantized linear with `dequantize()`."
+    "Whether `module` is a linear layer LoRA can wrap: an nn.Linear, GPT-2's Conv1D or a quantized linear with `dequantize()`."
     if isinstance(module, LoRALinear): return False
-    if isinstance(module, nn.Linear): return True
+    if isinstance(module, (nn.Linear, Conv1D)): return True
     return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
             and callable(getattr(module, "dequantize", None)))
+
+def linear_features(module:nn.Module) -> tuple[int, int]:
+    "`(in_features, out_features)` of a linear layer (a Conv1D calls them nx and nf)."
+    return (module.nx, module.nf) if isinstance(module, Conv1D) else (module.in_features, module.out_features)
+
+def is_fan_in_fan_out(module:nn.Module) -> bool:
+    "Whether a linear layer stores its weight (in, out), or was quantized from one that did: PEFT's `fan_in_fan_out`."
+    return isinstance(module, Conv1D) or getattr(module, "fan_in_fan_out", False) is True
 
 def is_quantized(module:nn.Module) -> bool:
     "Whether `module` keeps its weight quantized (it has `dequantize()` and no floating-point weight)."
@@ -37,8 +47,9 @@ def is_quantized(module:nn.Module) -> bool:
             and not (isinstance(weight, torch.Tensor) and weight.is_floating_point()))
 
 def dense_weight(module:nn.Module) -> torch.Tensor:
-    "The (out, in) weight of a linear layer, dequantized if it is quantized."
+    "The (out, in) weight of a linear layer, dequantized if it is quantized (a view, transposed, for a Conv1D)."
     if is_quantized(module): return module.dequantize()
+    if isinstance(module, Conv1D): return linear_weight(module)
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.shape == (module.out_features, module.in_features):
         return weight
@@ -97,8 +108,12 @@ class MergeableLoRA:
                           "dequantizing, adding the update and requantizing, which adds rounding error of its own")
             self._unmerged_base = self.base_layer
             self.base_layer = requantize(self.base_layer, merged)
-        else: self.base_layer.weight.data.copy_(merged.to(self.base_layer.weight.dtype))
+        else: self._set_dense_weight(merged)
         self.merged = True
+
+    def _set_dense_weight(self, weight:torch.Tensor):  # weight: (out, in)
+        "Write `weight` into the full-precision base (transposed for a Conv1D), in the base's dtype."
+        dense_weight(self.base_layer).data.copy_(weight)  # a Conv1D's transposed view writes through
 
     @torch.no_grad()
     def unmerge(self):
@@ -106,9 +121,9 @@ class MergeableLoRA:
         if not self.merged: warnings.warn("LoRALinear.unmerge(): not merged, nothing to do"); return
         if getattr(self, "_unmerged_base", None) is not None: self.base_layer, self._unmerged_base = self._unmerged_base, None
         else:
-            weight = self.base_layer.weight.data.float()  # (out, in)
+            weight = dense_weight(self.base_layer).float()  # (out, in)
             if self.use_dora: weight = weight / self._dora_factor[:, None]
-            self.base_layer.weight.data.copy_((weight - self._delta_weight()).to(self.base_layer.weight.dtype))
+            self._set_dense_weight(weight - self._delta_weight())
         self.merged = False
 
 # %% ../nbs/02_lora.ipynb #ecee3c13
@@ -127,7 +142,7 @@ class LoRALinear(MergeableLoRA, nn.Module):
         if not is_linear(base): raise ValueError(f"LoRALinear wraps linear layers (nn.Linear or NF4Linear), not {type(base).__name__}")
         if use_dora: _check_dora_supported(base, type(base).__name__)
         self.base_layer = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_features(base)
         self.r, self.alpha, self.use_rslora, self.use_dora, self.init = r, alpha, use_rslora, use_dora, init
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -167,13 +182,11 @@ def requantize(base:nn.Module,  # a quantized linear with `from_linear` (NF4Line
                weight:torch.Tensor,  # the new dense (out, in) weight
               ) -> nn.Module:
     "A new quantized linear like `base` holding `weight`."
-    bias = getattr(base, "bias", None)
-    dense = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if bias is not None: dense.bias.copy_(bias)
+    dense = dense_layer(weight, getattr(base, "bias", None))
     kwargs = {k: getattr(base, k) for k in ("quant_type", "blocksize", "double_quant", "compute_dtype") if hasattr(base, k)}
-    return type(base).from_linear(dense, **kwargs).to(weight.device)
+    layer = type(base).from_linear(dense, **kwargs).to(weight.device)
+    if hasattr(base, "fan_in_fan_out"): layer.fan_in_fan_out = base.fan_in_fan_out  # still GPT-2's layout when exported
+    return layer
 
 # %% ../nbs/02_lora.ipynb #9ac9604b
 @dataclass
@@ -386,6 +399,8 @@ def trainable_report(model:nn.Module) -> TrainableReport:
             seen.update(id(t) for t in packed)
             total += module.in_features * module.out_features + (module.bias.numel() if getattr(module, "bias", None) is not None else 0)
             total_bytes += sum(t.numel() * t.element_size() for t in packed)
+            trained = [p for p in module.parameters(recurse=False) if p.requires_grad]  # its bias, under BitFit
+            trainable += sum(p.numel() for p in trained); trainable_bytes += sum(p.numel() * p.element_size() for p in trained)
             continue
         for param in module.parameters(recurse=False):
             if id(param) in seen: continue
@@ -405,14 +420,17 @@ def peft_config_dict(model:nn.Module) -> dict:
     "The `adapter_config.json` content PEFT expects for the LoRA in `model`."
     config = getattr(model, "lora_config", None)
     if config is None: raise ValueError(f"{type(model).__name__} has no LoRA; call add_lora first")
-    targets = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    targets = list(layers)
+    fan_in_fan_out = any(is_fan_in_fan_out(m.base_layer) for m in layers.values())  # GPT-2's Conv1D, as PEFT writes it
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     import peft
     return {"peft_type": "LORA", "peft_version": peft.__version__, "task_type": "CAUSAL_LM", "base_model_name_or_path": name_or_path,
             "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets,
             "layers_to_transform": None, "layers_pattern": None, "modules_to_save": config.modules_to_save,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora, "init_lora_weights": True if config.init == "kaiming" else "gaussian",
-            "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+            "bias": "none", "lora_bias": False, "fan_in_fan_out": fan_in_fan_out,
+            "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 def save_adapter(model:nn.Module,  # a model with LoRA (after add_lora or load_adapter)
                  path:Path|str,  # the adapter folder to write
@@ -427,13 +445,14 @@ def save_adapter(model:nn.Module,  # a model with LoRA (after add_lora or load_a
     return Path(path)
 
 # %% ../nbs/02_lora.ipynb #f02257f3
-_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "fan_in_fan_out": False, "use_qalora": False,
+_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "use_qalora": False,
                 "layer_replication": None, "trainable_token_indices": None, "target_parameters": None}
 
 def config_from_peft(config:dict,  # the parsed adapter_config.json
                      source:str="adapter_config.json",  # where it came from, for error messages
                     ) -> LoRAConfig:
     "A `LoRAConfig` from PEFT's adapter_config.json; ValueError for settings qlora_nb does not implement."
+    # fan_in_fan_out is not a setting here: each layer knows its own layout (`is_fan_in_fan_out`)
     if config.get("peft_type") != "LORA": raise ValueError(f"{source}: peft_type={config.get('peft_type')!r} is not 'LORA'")
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, False):
@@ -451,7 +470,7 @@ def _expected_shapes(model:nn.Module, names:list[str], config:LoRAConfig) -> dic
     shapes = {}
     for name in names:
         module = model.get_submodule(name)
-        out_features, in_features = module.out_features, module.in_features
+        in_features, out_features = linear_features(module)
         r, use_dora = (module.r, module.use_dora) if isinstance(module, LoRALinear) else (config.r, config.use_dora)
         shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, in_features)
         shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, r)

@@ -9,6 +9,7 @@ import contextlib
 import torch
 from torch import nn
 import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
 from .core import check_in, human_bytes, trim_heap
 from .quant import (BLOCKSIZES, QuantState, block_absmax, check_quant_state, load_quant_state_dict, quant_state_dict,
@@ -17,8 +18,8 @@ from .kernels import (bnb_cpu_kernels, cpu_kernel_layout, cpu_kernel_matmul, dec
                               kernel_choices, scratch_buffer)
 
 # %% auto #0
-__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'DequantizeMatmul', 'DecodeLinear', 'NF4Linear', 'own_tensors', 'quantize_model',
-           'memory_report']
+__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'DequantizeMatmul', 'DecodeLinear', 'linear_weight', 'dense_layer', 'NF4Linear',
+           'own_tensors', 'quantize_model', 'memory_report']
 
 # %% ../nbs/01b_quant_linear.ipynb #abb92669
 class DequantizeMatmul(torch.autograd.Function):
@@ -60,13 +61,32 @@ class DecodeLinear(nn.Linear):
         if not self._uses_row_kernel(x): return super().forward(x)
         return decode_row_matmul(x, self.weight, self.bias)  # (..., out_features)
 
+# %% ../nbs/01b_quant_linear.ipynb #51061584
+def linear_weight(layer:nn.Module) -> torch.Tensor:
+    "The (out, in) weight of an `nn.Linear`, or the transposed view of a `Conv1D`'s (in, out) weight."
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+def dense_layer(weight:torch.Tensor,  # the (out, in) weight
+                bias:torch.Tensor|None=None,  # (out,)
+                fan_in_fan_out:bool=False,  # build a Conv1D holding the (in, out) transpose, as GPT-2 stores it
+                ) -> nn.Linear|Conv1D:
+    "A full-precision linear layer holding `weight` and `bias` (copies), frozen."
+    out_features, in_features = weight.shape
+    if fan_in_fan_out: layer = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)  # its bias: zeros unless given
+    else: layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.T if fan_in_fan_out else weight)
+        if bias is not None: layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
 # %% ../nbs/01b_quant_linear.ipynb #8a9e1661
 class _Stored4bit(nn.Module):
     "A module holding a frozen 4-bit weight, its quant state and a bias: checks, properties, device moves and repr."
     def __init__(self, packed:torch.Tensor,  # packed codes `(out*in/2, 1)` uint8
                  quant_state:QuantState,  # their state; `quant_state.shape` is (out_features, in_features)
                  bias:torch.Tensor|None=None,  # (out_features,), kept frozen
-                 compute_dtype:torch.dtype|None=None):  # dtype of the matmul; None: the original weight dtype
+                 compute_dtype:torch.dtype|None=None,  # dtype of the matmul; None: the original weight dtype
+                 fan_in_fan_out:bool=False):  # made from a layer that stored its weight (in, out), GPT-2's Conv1D
         super().__init__()
         check_quant_state(packed, quant_state)
         if len(quant_state.shape) != 2: raise ValueError(f"NF4Linear needs a 2-D weight, got shape {tuple(quant_state.shape)}")
@@ -77,6 +97,7 @@ class _Stored4bit(nn.Module):
         self.quant_state = quant_state
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype or quant_state.dtype
+        self.fan_in_fan_out = fan_in_fan_out  # the packed weight is (out, in) all the same; exports write the source's layout back
         self._kernel_weights = None  # built by `kernel_weights` on first inference through `cpu_kernel_matmul`
 
     quant_type = property(lambda self: self.quant_state.quant_type)
@@ -92,7 +113,7 @@ class _Stored4bit(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}")
+                f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 # %% ../nbs/01b_quant_linear.ipynb #55ff3bfb
 class _Linear4bitStateDict(_Stored4bit):
@@ -119,16 +140,17 @@ class _Linear4bitStateDict(_Stored4bit):
 class NF4Linear(_Linear4bitStateDict):
     "A frozen linear layer stored in 4 bits (NF4 or FP4, bitsandbytes' layout)."
     @classmethod
-    def from_linear(cls, linear:nn.Linear,  # the full-precision layer to quantize
+    def from_linear(cls, linear:nn.Linear|Conv1D,  # the full-precision layer to quantize (an nn.Linear or GPT-2's Conv1D)
                     quant_type:str="nf4",  # 'nf4' or 'fp4'
                     blocksize:int=64,  # values per absmax
                     double_quant:bool=True,  # quantize the absmax too
                     compute_dtype:torch.dtype|None=None,  # dtype of the matmul; None: the weight's dtype
                     ) -> NF4Linear:
-        "Quantize `linear`'s weight into a new `NF4Linear` (the bias is copied and frozen)."
-        if not isinstance(linear, nn.Linear): raise ValueError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        packed, state = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant, fast=_fast(linear.weight, linear.weight.numel()))
-        return cls(packed, state, linear.bias, compute_dtype)
+        "Quantize `linear`'s (out, in) weight into a new `NF4Linear` (the bias is copied and frozen)."
+        if not isinstance(linear, (nn.Linear, Conv1D)): raise ValueError(f"linear must be an nn.Linear or a Conv1D, got {type(linear).__name__}")
+        weight = linear_weight(linear).detach().contiguous()  # (out, in): a Conv1D's is transposed first, as bitsandbytes does
+        packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant, fast=_fast(weight, weight.numel()))
+        return cls(packed, state, linear.bias, compute_dtype, fan_in_fan_out=isinstance(linear, Conv1D))
 
     def dequantize(self, scratch:bool=False, # write into the shared `scratch_buffer` (valid until the next matmul) instead of a new tensor
                    ) -> torch.Tensor:
@@ -180,11 +202,11 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
                    compute_dtype:torch.dtype|None=None,  # dtype of the 4-bit matmuls; None: each weight's dtype
                    decode_kernel:bool=True,  # skipped `nn.Linear`s become `DecodeLinear` (same parameters) for fast decoding
                    ) -> nn.Module:
-    "Replace the `nn.Linear` layers of `model` in place with `NF4Linear`, and let go of the checkpoint file; returns `model`."
+    "Replace the `nn.Linear` (and `Conv1D`) layers of `model` in place with `NF4Linear`, and let go of the checkpoint file; returns `model`."
     check_in(quant_type, ("nf4", "fp4"), "quant_type"); check_in(blocksize, BLOCKSIZES, "blocksize")
     if isinstance(skip, str): skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not _skipped(name, skip)]
+               if isinstance(module, (nn.Linear, Conv1D)) and not _skipped(name, skip)]
     for name, linear in targets:
         model.set_submodule(name, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype).train(linear.training))
         linear.weight = None  # free the full-precision copy now, not at the end

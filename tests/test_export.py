@@ -194,12 +194,15 @@ def test_gguf_q8_0_from_the_command_line(trained_run, tmp_path, capsys):
 
 
 def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     from qlora_nb.export import export_gguf
     _, tokenizer = load_base("tiny", device="cpu", dtype="fp32")
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="GGUF export writes the Llama architecture; this model has model_type='gpt2'"):
-        export_gguf(gpt2, tokenizer, tmp_path / "gpt2.gguf")
+    opt = OPTForCausalLM(OPTConfig(vocab_size=2048, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="GGUF export writes the llama and gpt2 architectures; this model is model_type='opt'; export it as merged or nf4"):
+        export_gguf(opt, tokenizer, tmp_path / "opt.gguf")
+    relu_gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_embd=32, n_layer=1, n_head=2, activation_function="relu"))
+    with pytest.raises(ValueError, match="GGUF export writes llama.cpp's GPT-2 architecture; this model has activation_function='relu'"):
+        export_gguf(relu_gpt2, tokenizer, tmp_path / "gpt2.gguf")
     biased = LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                           num_attention_heads=2, num_key_value_heads=2, attention_bias=True))
     with pytest.raises(ValueError, match="attention_bias=True"):

@@ -112,3 +112,53 @@ assert RECOMPUTED_ATTENTION in AttentionInterface().valid_keys()
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_method_setup_maps_every_choice():
+    from qlora_nb.methods import METHOD_CHOICES, METHODS, method_setup
+    assert {name: method_setup(name) for name in METHOD_CHOICES} == {
+        "lora": ("lora", {}), "rslora": ("lora", {"use_rslora": True}), "dora": ("lora", {"use_dora": True}),
+        "adapter": ("adapter", {}), "bitfit": ("bitfit", {}), "full": ("full", {})}
+    assert all(method_setup(name)[0] in METHODS for name in METHOD_CHOICES)
+    with pytest.raises(ValueError, match="method='qlora' is not one of"): method_setup("qlora")
+
+
+@pytest.mark.parametrize("name,quantize", [(m, q) for m in ("lora", "rslora", "dora", "adapter", "bitfit", "full") for q in (False, True)
+                                           if not (m == "full" and q)])
+def test_every_method_saves_and_loads(tmp_path, ids, name, quantize):
+    "save_trainable -> load_trainable into a fresh (equally quantized) tiny model gives the trained model's logits exactly."
+    import json
+    from qlora_nb.methods import add_method, load_trainable, method_setup, save_trainable
+    method, overrides = method_setup(name)
+    model = tiny()
+    if quantize: quantize_model(model)
+    add_method(model, method, LoRAConfig(r=4, **overrides), seed=1, bottleneck_size=8)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad: param.add_(torch.randn_like(param) * 0.02)
+        expected = model(ids).logits
+    folder = save_trainable(model, tmp_path / "saved", name)
+    info = json.loads((folder / "method.json").read_text())
+    assert info["method"] == name and info["architecture"] == "LlamaForCausalLM"
+    lora_files = (folder / "adapter_config.json").is_file(), (folder / "adapter_model.safetensors").is_file()
+    assert lora_files == ((True, True) if method == "lora" else (False, False))
+    assert (folder / "trainable.safetensors").is_file() == (method != "lora")
+    fresh = tiny()
+    if quantize: quantize_model(fresh)
+    load_trainable(fresh, folder, method=name)
+    with torch.no_grad(): assert torch.equal(fresh(ids).logits, expected)
+    with pytest.raises(FileExistsError): save_trainable(model, tmp_path / "saved", name)
+    save_trainable(model, tmp_path / "saved", name, overwrite=True)
+
+
+def test_load_trainable_refuses_another_method(tmp_path):
+    from qlora_nb.methods import add_method, load_trainable, save_trainable
+    bitfit = save_trainable(add_method(tiny(), "bitfit"), tmp_path / "bitfit", "bitfit")
+    dora = save_trainable(add_method(tiny(), "lora", LoRAConfig(r=4, use_dora=True)), tmp_path / "dora", "dora")
+    with pytest.raises(ValueError, match="holds a 'bitfit' result, not method='adapter'"): load_trainable(tiny(), bitfit, method="adapter")
+    with pytest.raises(ValueError, match="holds a 'dora' result, not method='lora'"): load_trainable(tiny(), dora, method="lora")
+    with pytest.raises(ValueError, match="is set up for lora; load it into the base model"):
+        load_trainable(add_lora(tiny(), LoRAConfig(r=4)), bitfit)
+    with pytest.raises(ValueError, match="method='rslora' needs LoRAConfig\\(use_rslora=True\\)"):
+        save_trainable(add_lora(tiny(), LoRAConfig(r=4)), tmp_path / "x", "rslora")
+    assert not (tmp_path / "x").exists()
