@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_dashboard.ipynb #17f74e4c
 from __future__ import annotations
-import html, math, threading, time, traceback
+import html, json, math, threading, time, traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,14 +16,16 @@ from plotly.subplots import make_subplots
 
 from .core import check_in, check_range
 from .runlog import LogTail, RunData
-from .recipe import SETTINGS, Setting, build, check_inputs, check_setting, fit_and_evaluate, lora_config, resolve_config
+from .settings import SETTINGS, Setting, check_setting, resolve_config
+from .recipe import build, check_inputs, fit_and_evaluate, lora_config
 from .callback.control import TrainingControl
 
 # %% auto #0
-__all__ = ['PALETTE', 'PANELS', 'FORM_SETTINGS', 'DASHBOARD_DEFAULTS', 'Throttle', 'training_figure', 'PlotTraces',
-           'TrainingPlots', 'alerts_html', 'ShownRun', 'RunPolling', 'RunFollowing', 'RunSelection', 'RunDashboard',
-           'format_value', 'parse_value', 'setting_widget', 'FormChecks', 'RunForm', 'check_run_config',
-           'default_run_config', 'TrainingButtons', 'train_run', 'TrainingThread', 'TrainingDashboard']
+__all__ = ['PALETTE', 'PANELS', 'DATA_REPORT_FILE', 'FORM_SETTINGS', 'DASHBOARD_DEFAULTS', 'Throttle', 'training_figure',
+           'PlotTraces', 'TrainingPlots', 'alerts_html', 'read_data_report', 'data_report_html', 'ShownRun',
+           'RunPolling', 'RunFollowing', 'RunSelection', 'RunDashboard', 'format_value', 'parse_value',
+           'setting_widget', 'FormChecks', 'RunForm', 'check_run_config', 'default_run_config', 'TrainingButtons',
+           'train_run', 'TrainingThread', 'TrainingDashboard']
 
 # %% ../nbs/07_dashboard.ipynb #e1d2b139
 class Throttle:
@@ -146,13 +148,56 @@ def alerts_html(runs:list[RunData], limit:int=8) -> str:
     more = f"<div>… and {len(alerts) - limit} more</div>" if len(alerts) > limit else ""
     return f"<div class='qlora-alerts'><ul style='margin:0'>{''.join(items)}</ul>{more}</div>"
 
+# %% ../nbs/07_dashboard.ipynb #baade482
+DATA_REPORT_FILE = "data_report.json"  # in the run directory, written by the recipe before training
+
+def read_data_report(run_dir:str|Path) -> dict|None:
+    "The run's data report, or None while there is none (or it is half written)."
+    try: return json.loads((Path(run_dir) / DATA_REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError): return None
+
+def _report_cell(value) -> str:
+    "A value as a short table cell: a {count, first} entry or a list by its count, a mapping as 'key value, ...'."
+    if isinstance(value, dict):
+        return _report_cell(value["count"]) if "count" in value else ", ".join(f"{k} {_report_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)): return str(len(value))
+    return html.escape(f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value))
+
+def _report_table(caption:str, rows:list[tuple[str, dict]]) -> str:
+    columns = list(dict.fromkeys(column for _, counts in rows for column in counts))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(f"<tr><th>{html.escape(str(label))}</th>" + "".join(f"<td>{_report_cell(counts.get(c))}</td>" for c in columns)
+                   + "</tr>" for label, counts in rows)
+    return f"<table class='qlora-data-report'><caption>{html.escape(caption)}</caption><tr><th></th>{head}</tr>{body}</table>"
+
+def _report_line(value) -> str:
+    if isinstance(value, dict): return "; ".join(f"{html.escape(str(k))}: {_report_line(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)): return "; ".join(map(_report_line, value)) or "none"
+    return _report_cell(value)
+
+def data_report_html(report:dict|None, title:str="data") -> str:
+    "A data report as HTML: tables of counts per split (and of records), other values as lines, then the notes."
+    if not report: return ""
+    parts, notes = [f"<b>{html.escape(title)}</b>"], report.get("notes") or []
+    for key, value in report.items():
+        if key == "notes": continue
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            parts.append(_report_table(str(key), list(value.items())))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            parts.append(_report_table(str(key), [(i + 1, record) for i, record in enumerate(value)]))
+        else: parts.append(f"<div>{html.escape(str(key))}: {_report_line(value)}</div>")
+    notes = [notes] if isinstance(notes, str) else notes
+    if notes: parts.append("<ul>" + "".join(f"<li>{html.escape(str(note))}</li>" for note in notes) + "</ul>")
+    return f"<div class='qlora-data'>{''.join(parts)}</div>"
+
 # %% ../nbs/07_dashboard.ipynb #76ff6e0d
 @dataclass
 class ShownRun:
-    "A run on the dashboard: its data, the tail of its log and whether to keep following it."
+    "A run on the dashboard: its data, the tail of its log, whether to keep following it, and its data report."
     data: RunData
     tail: LogTail|None = None
     follow: bool = False
+    report: dict|None = None  # `<run_dir>/data_report.json`, once written
 
 # %% ../nbs/07_dashboard.ipynb #238a4617
 class RunPolling:
@@ -166,18 +211,21 @@ class RunPolling:
     def _poll(self, force:bool) -> bool:
         with self.lock:
             for shown in self.runs:
-                if shown.tail is None or not (shown.follow or shown.data.records_seen == 0 or force): continue
+                if shown.tail is None: continue
+                if shown.report is None: shown.report = read_data_report(shown.tail.path.parent)
+                if not (shown.follow or shown.data.records_seen == 0 or force): continue
                 records, restarted = shown.tail.read()
                 if restarted: shown.data.reset()
                 for record in records: shown.data.add(record)
             data = [shown.data for shown in self.runs]
-            versions = [(id(d), d.version) for d in data]
+            versions = [(id(shown.data), shown.data.version, shown.report is not None) for shown in self.runs]
             if versions == self._shown_versions and not force: return False  # nothing new: no redraw
             if not (force or self.throttle.ready()): return False
             cost = time.thread_time()
             self.plots.render(data)
             self.status.value = "<br>".join(html.escape(d.summary()) for d in data) or "no run open"
             self.alerts.value = alerts_html(data)
+            self.data_report.value = "".join(data_report_html(shown.report, shown.data.name) for shown in self.runs)
             cost = time.thread_time() - cost
             # keep redraws under `max_overhead` of one core: a costly redraw waits longer for the next one
             self.throttle.interval = max(self.interval, cost / self.max_overhead)
@@ -256,7 +304,7 @@ class RunDashboard(RunSelection):
         self.max_runs, self.interval, self.max_points = max_runs, interval, max_points
         self.max_overhead = check_range(max_overhead, "max_overhead", low=0, low_open=True, high=1)
         self.runs: list[ShownRun] = []
-        self.status, self.alerts = widgets.HTML("no run open"), widgets.HTML(alerts_html([]))
+        self.status, self.alerts, self.data_report = widgets.HTML("no run open"), widgets.HTML(alerts_html([])), widgets.HTML()
         self.lock, self._poller, self._shown_versions, self.cpu_seconds = threading.RLock(), None, None, 0.0
         self.run_path = widgets.Text(placeholder="runs/my-run", description="run dir", layout=widgets.Layout(width="420px"))
         self.open_button = widgets.Button(description="Open", tooltip="replay this run's log (replaces what is shown)")
@@ -277,8 +325,8 @@ class RunDashboard(RunSelection):
 
     @property
     def widget(self) -> widgets.Widget:
-        "The whole view: run directory bar, status, alerts and plots."
-        return widgets.VBox([self.run_bar, self.status, self.alerts, self.plots.fig])
+        "The whole view: run directory bar, status, alerts, data reports and plots."
+        return widgets.VBox([self.run_bar, self.status, self.alerts, self.data_report, self.plots.fig])
 
     def _ipython_display_(self):
         from IPython.display import display

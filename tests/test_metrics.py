@@ -97,3 +97,29 @@ def test_evaluate_exact_match_reports_its_answers(tuned):
     result = evaluate_exact_match(model, tokenizer, rows, max_new_tokens=3, batch_size=2)
     assert result["predictions"] == generate_answers(model, tokenizer, rows, **asdict(DecodingConfig(max_new_tokens=3, batch_size=4)))
     assert result["n"] == 4 and set(result["per_task"]) == {r["task"] for r in rows}
+
+
+def test_evaluate_rows_scores_each_kind_of_row(tuned, capsys):
+    "Prompt rows by generation with their task's metrics, plain text by perplexity; with bars named by stage."
+    from qlora_nb.metrics import evaluate_rows, main_metric, perplexity
+    model, tokenizer = tuned
+    rows = [dict(r, task="my_labels") for r in load_examples("test")[:3]] + load_examples("test")[3:5]
+    texts = ["Plain notes to continue, with no prompt at all.", "A second paragraph of the same notes."]
+    result = evaluate_rows(model, tokenizer, rows + [{"text": t} for t in texts], max_new_tokens=3,
+                           task_types={"my_labels": "classification"}, progress=True)
+    assert result["main_metric"]["my_labels"] == main_metric("my_labels", {"my_labels": "classification"}) == "accuracy"
+    assert set(result["metrics"]["my_labels"]) == {"accuracy", "f1"}
+    assert result["per_task"] == {task: result["metrics"][task][name] for task, name in result["main_metric"].items()}
+    assert (result["n"], result["n_text"], len(result["predictions"])) == (5, 2, 5)
+    assert result["heldout_perplexity"] == pytest.approx(perplexity(model, tokenizer, "\n\n".join(texts)))
+    assert "perplexity" in capsys.readouterr().err  # the bars went to stderr
+
+
+def test_evaluate_rows_checks_before_generating(tuned):
+    from qlora_nb.metrics import evaluate_rows
+    _, tokenizer = tuned
+    rows = [dict(load_examples("test")[0], output=" ", where="mine.jsonl:3")]
+    with pytest.raises(ValueError, match="mine.jsonl:3 has none"):
+        evaluate_rows(None, tokenizer, rows)  # no model needed: it fails before generation
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate_rows(None, tokenizer, [])

@@ -17,8 +17,9 @@ __all__ = ['HFTrainerView', 'run_hf_event', 'HFCallbackBridge']
 # %% ../../nbs/06g_callback.hf.ipynb #ac147b25
 class HFTrainerView:
     "What qlora_nb callbacks read from a trainer, filled from transformers' Trainer state."
-    def __init__(self, args, model=None, optimizer=None, lr_scheduler=None):
-        self.model, self.optimizer, self.scheduler = model, optimizer, lr_scheduler
+    grads_clipped_before_step = True  # transformers clips before `on_pre_optimizer_step`; its pre-clip norm comes with `on_log`
+    def __init__(self, args, model=None, optimizer=None, lr_scheduler=None, callbacks:list|None=None):
+        self.model, self.optimizer, self.scheduler, self.callbacks = model, optimizer, lr_scheduler, callbacks or []
         self.device = torch.device(args.device) if hasattr(args, "device") else torch.device("cpu")
         self.max_norm = args.max_grad_norm or None
         self.batch_size, self.grad_accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
@@ -31,7 +32,7 @@ class HFTrainerView:
     def event(self, name:str, **fields): self.events.append({"event": name, "step": self.step, **fields})
 
     def read_log(self, state, logs:dict):  # transformers' TrainerState, and an `on_log` record with a `loss`
-        "Take a logged step's loss, grad norm and lr; `step` is left one short, as `after_loss` sees it (not yet done)."
+        "Take a logged step's loss, pre-clip grad norm and lr; `step` is left one short, as `after_loss` sees it (not yet done)."
         self.epoch = int(state.epoch or 0)
         self.step_loss, self.grad_norm = float(logs["loss"]), logs.get("grad_norm")
         self.step_lr = logs.get("learning_rate", self.step_lr)
@@ -53,12 +54,14 @@ def run_hf_event(callbacks:list[Callback],  # sorted qlora_nb callbacks
 # %% ../../nbs/06g_callback.hf.ipynb #1aae856f
 class HFCallbackBridge(TrainerCallback):
     "Run qlora_nb callbacks inside transformers' Trainer (and TRL's SFTTrainer)."
-    def __init__(self, callbacks): self.callbacks, self.view = sort_callbacks(callbacks), None
+    def __init__(self, callbacks:list[Callback],
+                 log_every_step:bool=True):  # make transformers log each step, so the monitors see every step
+        self.callbacks, self.view, self.log_every_step = sort_callbacks(callbacks), None, log_every_step
 
     def _run(self, event:str, control): return run_hf_event(self.callbacks, event, self.view, control)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        self.view = HFTrainerView(args, model, optimizer, lr_scheduler)
+        self.view = HFTrainerView(args, model, optimizer, lr_scheduler, self.callbacks)
         self.view.max_steps, self.view.step = state.max_steps, state.global_step
         return self._run("before_fit", control)
 
@@ -70,6 +73,10 @@ class HFCallbackBridge(TrainerCallback):
         if self.view.optimizer is not None: self.view.step_lr = self.view.optimizer.param_groups[0]["lr"]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs): return self._run("before_step", control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.log_every_step: control.should_log = True  # runs after DefaultFlowCallback, which decides by logging_steps
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" not in (logs or {}): return control

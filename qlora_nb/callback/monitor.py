@@ -15,8 +15,8 @@ from ..core import check_in, check_range
 from .core import Callback, CancelBatchException, CancelFitException, CancelStepException
 
 # %% auto #0
-__all__ = ['RECOMMENDATIONS', 'module_of', 'ModuleNorms', 'GradientMonitor', 'StabilityReports', 'StabilityMonitor',
-           'peak_rss_bytes', 'ThroughputMonitor', 'ProgressBar']
+__all__ = ['RECOMMENDATIONS', 'TREND_KINDS', 'module_of', 'ModuleNorms', 'GradientMonitor', 'alert_line', 'StabilityReports',
+           'loss_trend', 'StabilityMonitor', 'peak_rss_bytes', 'ThroughputMonitor', 'ProgressBar']
 
 # %% ../../nbs/06_callback.monitor.ipynb #e8929dc7
 def module_of(param_name:str) -> str:
@@ -45,7 +45,7 @@ class GradientMonitor(Callback):
                  update_ratio_every:int=1):  # measure the update ratio every this many steps (it copies the weights)
         self.log_modules, self.update_ratio_every = log_modules, check_range(update_ratio_every, "update_ratio_every", low=1)
         self.steps, self.grad_norms, self.update_ratios, self.module_norms = [], [], [], {}
-        self.clip_count, self._before = 0, None
+        self.clip_count, self._before, self._clipped_norms = 0, None, None
 
     def state_dict(self) -> dict: return {"clip_count": self.clip_count}
     def load_state_dict(self, state:dict): self.clip_count = state["clip_count"]
@@ -55,22 +55,29 @@ class GradientMonitor(Callback):
         self.norms = ModuleNorms(self.names)
         self.modules = self.norms.modules
 
-    def before_step(self, trainer):
-        present = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in self.params]
-        norms = self.norms(present)  # (modules,)
-        total = float(norms.pow(2).sum().sqrt())
+    def _record(self, trainer, step:int, norms:torch.Tensor, total:float):  # norms: (modules,) before clipping
         clipped = bool(trainer.max_norm and total > trainer.max_norm)
         self.clip_count += clipped
-        self.steps.append(trainer.step + 1); self.grad_norms.append(total)
+        self.steps.append(step); self.grad_norms.append(total)
         for name, value in zip(self.modules, norms.tolist()): self.module_norms.setdefault(name, []).append(value)
         trainer.log(grad_norm_preclip=total, clipped=clipped, clip_count=self.clip_count)
         if self.log_modules: trainer.log(module_grad_norms=dict(zip(self.modules, norms.tolist())))
+
+    def before_step(self, trainer):
+        present = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in self.params]
+        norms = self.norms(present)  # (modules,)
+        if getattr(trainer, "grads_clipped_before_step", False): self._clipped_norms = norms  # wait for the pre-clip total
+        else: self._record(trainer, trainer.step + 1, norms, float(norms.pow(2).sum().sqrt()))
         if (trainer.step + 1) % self.update_ratio_every == 0:
             self._before = [p.detach().clone() for p in self.params]
 
-    def after_cancel_step(self, trainer): self._before = None
+    def after_cancel_step(self, trainer): self._before = self._clipped_norms = None
 
     def after_step(self, trainer):
+        if self._clipped_norms is not None and trainer.grad_norm is not None:
+            seen = float(self._clipped_norms.pow(2).sum().sqrt())
+            self._record(trainer, trainer.step, self._clipped_norms * (trainer.grad_norm / max(seen, 1e-12)), float(trainer.grad_norm))
+        self._clipped_norms = None
         if self._before is None: return
         with torch.no_grad():
             delta, weight = self.norms(torch._foreach_sub([p.detach() for p in self.params], self._before)), self.norms(self._before)
@@ -84,39 +91,57 @@ RECOMMENDATIONS = {
     "nonfinite_loss": "lower the lr, check the data for rows without answer tokens, and compute in fp32 or bf16 (not fp16)",
     "nonfinite_grad": "lower the lr or max_norm, and check for fp16 overflow; skip or stop keeps the weights clean",
     "explosion": "lower the lr, lengthen the warmup, or clip harder (max_norm 0.3 is the QLoRA default)",
-    "stagnation": "raise the lr, check that labels are not all masked (-100) and that the LoRA parameters require grad",
+    "stagnation": "check that labels are not all masked (-100) and that the LoRA parameters require grad; if they are fine, raise the lr",
+    "plateau": "the run may have converged: stop early or keep the best checkpoint, or let a decaying lr (cosine) settle it lower",
+    "rising_loss": "lower the lr or lengthen the warmup, and check that the training data is shuffled",
 }
+TREND_KINDS = ("stagnation", "plateau", "rising_loss")  # issues of the loss trend: they warn, never skip or stop
 
+# %% ../../nbs/06_callback.monitor.ipynb #77b49998
+def alert_line(issue:dict) -> str:  # an issue of `StabilityMonitor.issues`: step, kind, message, recommendation
+    "The issue as one readable line: `step N: what happened — what to do`."
+    return f"step {issue['step']}: {issue['message']} — {issue['recommendation']}"
 
 # %% ../../nbs/06_callback.monitor.ipynb #3b2a6b9a
 class StabilityReports(Callback):
     "What `StabilityMonitor` remembers (recent step losses, issues) and how it reports an issue and acts on it."
     def __init__(self, action:str="warn",  # 'warn', 'skip' (drop the bad update) or 'stop' (keep the last good checkpoint)
                  explosion_factor:float=3.0,  # a micro-batch loss above this × the recent median is an explosion
-                 window:int=50,  # step losses compared for stagnation (and whose median explosions are measured against)
-                 min_improvement:float=0.01,  # relative drop of the mean loss over the window below which training stagnates
+                 window:int=50,  # step losses whose trend is judged (and whose median explosions are measured against)
+                 min_improvement:float=0.01,  # relative drop of the loss over the window below which it has stopped improving
                  min_history:int=10,  # step losses needed before explosions are judged
-                 warn:bool=True):  # also raise a Python warning for each issue
+                 warn:bool=True,  # without a progress bar, also raise a Python warning for each issue
+                 min_t:float=2.0,  # a loss trend is real when it exceeds this many standard errors
+                 decay_tail:float=0.5):  # below this fraction of its peak the lr is in its decay tail, where a plateau is expected
         self.action = check_in(action, ("warn", "skip", "stop"), "action")
         self.explosion_factor = check_range(explosion_factor, "explosion_factor", low=1, low_open=True)
         self.window = check_range(window, "window", low=4)
         self.min_improvement, self.min_history, self.warn = min_improvement, check_range(min_history, "min_history", low=1), warn
+        self.min_t, self.decay_tail = check_range(min_t, "min_t", low=0), check_range(decay_tail, "decay_tail", low=0, high=1)
         self.losses, self.issues, self._skip, self._last_stagnation = deque(maxlen=window), [], False, -window
+        self.peak_lr, self.first_mean = 0.0, None  # the highest lr so far; the mean of the run's first `window` losses
 
-    def state_dict(self) -> dict: return {"losses": list(self.losses), "last_stagnation": self._last_stagnation}
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "last_stagnation": self._last_stagnation, "peak_lr": self.peak_lr, "first_mean": self.first_mean}
     def load_state_dict(self, state:dict):
         self.losses = deque(state["losses"], maxlen=self.window); self._last_stagnation = state["last_stagnation"]
+        self.peak_lr, self.first_mean = state.get("peak_lr", 0.0), state.get("first_mean")  # absent in older checkpoints
 
     def recommendations(self) -> list[str]:
         "One recommendation per kind of issue seen, in the order first seen."
         return [RECOMMENDATIONS[kind] for kind in dict.fromkeys(issue["kind"] for issue in self.issues)]
 
+    def _show(self, trainer, line:str):
+        "Write `line` above a running progress bar, or warn when there is none."
+        if any(cb.show_line(line) for cb in getattr(trainer, "callbacks", ()) if hasattr(cb, "show_line")): return
+        if self.warn: warnings.warn(line, RuntimeWarning, stacklevel=4)
+
     def _report(self, trainer, kind:str, message:str, can_skip:bool=True, after_update:bool=False):
         issue = {"step": trainer.step if after_update else trainer.step + 1, "kind": kind, "message": message, "recommendation": RECOMMENDATIONS[kind]}
         self.issues.append(issue)
         trainer.event("stability", action=self.action, **issue)
-        if self.warn: warnings.warn(f"step {issue['step']}: {message}; {issue['recommendation']}", RuntimeWarning, stacklevel=2)
-        if kind == "stagnation": return
+        self._show(trainer, alert_line(issue))
+        if kind in TREND_KINDS: return
         if self.action == "stop":
             trainer.stop_reason = f"{kind} at step {issue['step']}"
             raise CancelFitException()
@@ -124,9 +149,19 @@ class StabilityReports(Callback):
             self._skip = True
             raise CancelBatchException()
 
+# %% ../../nbs/06_callback.monitor.ipynb #85ee42b5
+def loss_trend(losses:list[float]) -> tuple[float, float]:
+    "The drop of the least-squares line through `losses` from the first to the last step, and its standard error."
+    n = len(losses)
+    steps = range(n)
+    slope, intercept = statistics.linear_regression(steps, losses)
+    residuals = sum((y - intercept - slope * k) ** 2 for k, y in zip(steps, losses))
+    spread = sum((k - (n - 1) / 2) ** 2 for k in steps)
+    return -slope * (n - 1), (n - 1) * math.sqrt(residuals / max(n - 2, 1) / spread)
+
 # %% ../../nbs/06_callback.monitor.ipynb #440d4905
 class StabilityMonitor(StabilityReports):
-    "Detect NaN/inf losses or gradients, loss explosions and stagnation; warn, skip the step or stop."
+    "Detect NaN/inf losses or gradients, loss explosions, and a stagnating, plateaued or rising loss; warn, skip the step or stop."
     order = 20
     def after_loss(self, trainer):
         loss = float(trainer.loss.detach())
@@ -146,17 +181,26 @@ class StabilityMonitor(StabilityReports):
 
     def after_cancel_step(self, trainer): trainer.event("skipped_step", step=trainer.step + 1)
 
+    def trend_issue(self, lr:float) -> tuple[str, str]|None:
+        "The kind and message of what the window's loss trend shows at `lr`, or None when it is fine."
+        drop, error = loss_trend(list(self.losses))
+        mean, real = statistics.fmean(self.losses), lambda change: change > self.min_t * error and change >= self.min_improvement * abs(mean)
+        change = f"{-drop:+.3g} ± {error:.2g} over the last {self.window} steps"
+        if real(-drop): return "rising_loss", f"the loss is rising ({change}, now about {mean - drop / 2:.4g})"
+        if real(drop) or lr < self.decay_tail * self.peak_lr: return None  # improving, or the schedule's tail
+        if self.first_mean - mean >= self.min_improvement * abs(self.first_mean):
+            return "plateau", f"the loss stopped improving at about {mean:.4g} ({change}) with the lr at {lr / self.peak_lr:.0%} of its peak"
+        return "stagnation", f"the loss has not improved since the start: about {mean:.4g} ({change})"
+
     def after_step(self, trainer):
         self._skip = False
         if not math.isfinite(trainer.step_loss): return
-        self.losses.append(trainer.step_loss)
-        if len(self.losses) == self.window and trainer.step - self._last_stagnation >= self.window:
-            half = self.window // 2
-            first, second = statistics.fmean(list(self.losses)[:half]), statistics.fmean(list(self.losses)[half:])
-            if first - second < self.min_improvement * abs(first):
-                self._last_stagnation = trainer.step
-                self._report(trainer, "stagnation", f"the mean loss went from {first:.4g} to {second:.4g} over the last {self.window} steps",
-                             after_update=True)
+        self.losses.append(trainer.step_loss); self.peak_lr = max(self.peak_lr, trainer.step_lr or 0.0)
+        if len(self.losses) < self.window: return
+        if self.first_mean is None: self.first_mean = statistics.fmean(self.losses)
+        if trainer.step - self._last_stagnation >= self.window and (issue := self.trend_issue(trainer.step_lr or 0.0)):
+            self._last_stagnation = trainer.step
+            self._report(trainer, *issue, after_update=True)
 
 # %% ../../nbs/06_callback.monitor.ipynb #8f338e21
 def peak_rss_bytes() -> int:
@@ -176,8 +220,8 @@ class ThroughputMonitor(Callback):
 
     def before_batch(self, trainer):
         if trainer.micro_step == 0: self.step_start, self.step_tokens = time.perf_counter(), 0
-        mask = trainer.batch.get("attention_mask")
-        self.step_tokens += int(mask.sum()) if mask is not None else trainer.batch["input_ids"].numel()
+        mask, tokens = trainer.batch.get("attention_mask"), trainer.batch.get("tokens")  # a packed batch counts its own
+        self.step_tokens += tokens if tokens is not None else int(mask.sum()) if mask is not None else trainer.batch["input_ids"].numel()
 
     def after_step(self, trainer):
         now = time.perf_counter()
@@ -195,7 +239,7 @@ class ThroughputMonitor(Callback):
 
 # %% ../../nbs/06_callback.monitor.ipynb #4a6583e1
 class ProgressBar(Callback):
-    "A tqdm progress bar over the optimizer steps, with loss, lr, tokens/s and eval loss."
+    "A tqdm progress bar over the optimizer steps, with loss, lr, tokens/s and eval loss; alerts go above it."
     order = 95
     def __init__(self, file=None, leave:bool=True): self.file, self.leave, self.bar = file, leave, None
 
@@ -204,13 +248,17 @@ class ProgressBar(Callback):
         self.bar = bar_class(total=trainer.max_steps, initial=trainer.step, desc="train", unit="step", file=self.file,
                              leave=self.leave, dynamic_ncols=True)
 
+    def show_line(self, line:str) -> bool:
+        "Write `line` above the bar, keeping the bar whole; False when no bar is running."
+        if self.bar is None: return False
+        self.bar.write(line, file=self.file)
+        return True
+
     def after_step(self, trainer):
         postfix = {"loss": f"{trainer.step_loss:.4f}", "lr": f"{trainer.step_lr:.2e}"}
         if "tokens_per_s" in trainer.records: postfix["tok/s"] = f"{trainer.records['tokens_per_s']:.0f}"
         if trainer.eval_loss is not None: postfix["eval"] = f"{trainer.eval_loss:.4f}"
         self.bar.set_postfix(postfix, refresh=False); self.bar.update(1)
-        for event in trainer.events:
-            if event["event"] == "stability": self.bar.write(f"step {event['step']}: {event['message']} -> {event['recommendation']}")
 
     def after_fit(self, trainer):
         if self.bar is not None: self.bar.close(); self.bar = None
