@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_sweep.ipynb #fbb9fcb7
 from __future__ import annotations
-import argparse, ast, datetime, html, itertools, json, os, re, shutil, sys, time, traceback, uuid
+import argparse, ast, datetime, html, itertools, json, os, re, shutil, subprocess, sys, time, traceback, uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,8 @@ from .core import check_range
 
 # %% auto #0
 __all__ = ['FINISHED', 'ERROR', 'EXECUTED', 'CHARTS', 'Sweep', 'run_name', 'load_sweep', 'is_finished', 'execute_run',
-           'run_sweep', 'load_results', 'results_table', 'comparison_figures', 'write_sweep_report', 'sweep_main']
+           'execute_run_in_process', 'run_sweep', 'load_results', 'results_table', 'comparison_figures',
+           'write_sweep_report', 'sweep_main']
 
 # %% ../nbs/09_sweep.ipynb #43374e76
 _TOP_KEYS = ("notebook", "name", "parameters", "grid", "runs", "workers", "kernel", "timeout")
@@ -185,6 +186,28 @@ def execute_run(notebook:Path|str,  # the parameterized notebook
     _write_json_atomic(run_dir / (FINISHED if status["status"] == "finished" else ERROR), status)
     return status
 
+# %% ../nbs/09_sweep.ipynb #70238998
+_RUN_IN_CHILD = "import json, sys; from qlora_nb.sweep import execute_run; execute_run(**json.load(sys.stdin))"
+
+def execute_run_in_process(notebook:Path|str, run_dir:Path|str, parameters:dict,  # as in `execute_run`
+                           kernel:str|None=None, timeout:float|None=None) -> dict:
+    "`execute_run` in a Python process of its own; a process that ends without writing a status is a failed run."
+    run_dir = Path(run_dir).resolve()
+    for name in (FINISHED, ERROR): (run_dir / name).unlink(missing_ok=True)  # the status read below is this run's
+    arguments = {"notebook": str(Path(notebook).resolve()), "run_dir": str(run_dir), "parameters": parameters, "kernel": kernel, "timeout": timeout}
+    start = time.perf_counter()
+    child = subprocess.run([sys.executable, "-c", _RUN_IN_CHILD], input=json.dumps(arguments), text=True, capture_output=True)
+    for name in (FINISHED, ERROR):
+        if (run_dir / name).is_file(): return json.loads((run_dir / name).read_text())
+    stderr = _strip_ansi(child.stderr).strip().splitlines()
+    status = {"parameters": parameters, "notebook": arguments["notebook"], "status": "failed", "seconds": time.perf_counter() - start, "error": {
+        "cell_index": None, "execution_count": None, "source": None, "ename": "WorkerExit",
+        "evalue": f"the run's process exited with status {child.returncode} without a result: {stderr[-1] if stderr else 'no output'}",
+        "traceback": "\n".join(stderr[-40:])}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run_dir / ERROR, status)
+    return status
+
 # %% ../nbs/09_sweep.ipynb #d17e135a
 def run_sweep(sweep:Sweep|Path|str,  # a checked Sweep or the path of its YAML file
               runs_dir:Path|str="runs",  # runs go to runs_dir/<sweep name>/<run name>/
@@ -204,8 +227,9 @@ def run_sweep(sweep:Sweep|Path|str,  # a checked Sweep or the path of its YAML f
             statuses[name] = {**json.loads((sweep_dir / name / FINISHED).read_text()), "skipped": True}
         else: todo.append(name)
     log(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(statuses)} already finished, {len(todo)} to run with {workers} worker(s)")
+    execute = execute_run if workers == 1 else execute_run_in_process
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(execute_run, sweep.notebook, sweep_dir / name, sweep.runs[name], sweep.kernel, sweep.timeout): name for name in todo}
+        futures = {pool.submit(execute, sweep.notebook, sweep_dir / name, sweep.runs[name], sweep.kernel, sweep.timeout): name for name in todo}
         for done, future in enumerate(as_completed(futures), 1):
             name = futures[future]; status = statuses[name] = future.result()
             why = "" if status["status"] == "finished" else f": {status['error']['ename']}: {status['error']['evalue']} (cell {status['error']['cell_index']})"
@@ -304,13 +328,13 @@ def sweep_main(argv:list[str]|None=None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-nb sweep", description="Run a notebook with papermill for each parameter set in a YAML file.")
     parser.add_argument("sweep", help="the sweep's YAML file (notebook, and a grid or a list of runs)")
     parser.add_argument("--runs-dir", default="runs", help="runs go to RUNS_DIR/<sweep name>/<run name>/ (default: runs)")
-    parser.add_argument("--workers", type=int, default=None, help="runs at once (default: the file's `workers`, else 1)")
+    parser.add_argument("--workers", type=int, default=None, help="runs at once, each in a process of its own (default: the file's `workers`, else 1)")
     parser.add_argument("--dry-run", action="store_true", help="check the file and list the runs, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild report.html and report.ipynb from the runs folder")
     args = parser.parse_args(argv)
     try: sweep = load_sweep(args.sweep, args.workers)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr); return 2
+        print(f"qlora-nb sweep: error: {e}", file=sys.stderr); return 2
     if args.dry_run:
         for name, params in sweep.runs.items(): print(name, json.dumps(params, default=str))
         return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qlora_nb.sweep import ERROR, EXECUTED, FINISHED, load_results, load_sweep, run_sweep, sweep_main
+from qlora_nb.sweep import ERROR, EXECUTED, FINISHED, load_results, load_sweep, results_table, run_sweep, sweep_main
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sweep"
 
@@ -80,6 +80,23 @@ def test_list_sweep_two_workers_failure_recorded_then_resume(project, tmp_path):
     (sweep_dir / "report.html").unlink()
     assert sweep_main([str(project / "list.yaml"), "--runs-dir", str(runs_dir), "--report-only"]) == 0
     assert (sweep_dir / "report.html").is_file()
+
+
+def test_two_worker_processes_give_the_serial_results(project, tmp_path):
+    "Runs in processes of their own, one failing: the statuses, metrics, errors and report table of a serial sweep."
+    serial = run_sweep(project / "list.yaml", tmp_path / "serial", workers=1, log=lambda line: None)
+    parallel = run_sweep(project / "list.yaml", tmp_path / "parallel", workers=2, log=lambda line: None)
+    assert {n: s["status"] for n, s in parallel.items()} == {n: s["status"] for n, s in serial.items()} == {
+        "lr=0.5_label=first": "finished", "lr=0.25_steps=2_label=second": "finished", "broken": "failed"}
+    assert parallel["broken"]["error"]["ename"] == "ValueError" and parallel["lr=0.5_label=first"]["parameters"] == {"lr": 0.5, "label": "first"}
+
+    def comparable(rows):  # what differs between any two sweeps: times and process ids
+        return [{**r, "seconds": None, "metrics": {k: v for k, v in r["metrics"].items() if k != "pid"},
+                 "error": r["error"] and {k: r["error"][k] for k in ("cell_index", "execution_count", "source", "ename", "evalue")}} for r in rows]
+    serial_rows, parallel_rows = (comparable(load_results(tmp_path / kind / "list")) for kind in ("serial", "parallel"))
+    assert parallel_rows == serial_rows and len(serial_rows) == 3
+    assert results_table(parallel_rows) == results_table(serial_rows)
+    assert (tmp_path / "parallel" / "list" / "report.html").is_file()
 
 
 def test_grid_sweep_resumes_an_interrupted_run(project, tmp_path):
