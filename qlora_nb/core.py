@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir', 'atomic_dir', 'default_device',
-           'cpu_has_fast_bf16', 'compute_dtype', 'human_bytes', 'trim_heap', 'maybe_compiled']
+__all__ = ['SPEED_FLAGS', 'COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir', 'atomic_dir',
+           'default_device', 'cpu_info', 'cpu_has_fast_bf16', 'compute_dtype', 'machine_info', 'human_bytes',
+           'trim_heap', 'maybe_compiled']
 
 # %% ../nbs/00_core.ipynb #4734fff1
 def set_seed(seed:int=0,  # the seed for python, numpy and torch (all devices)
@@ -101,17 +102,23 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 # %% ../nbs/00_core.ipynb #3b1037ce
+def cpu_info(cpuinfo:str|None=None,  # text of /proc/cpuinfo; read it when None
+             ) -> tuple[str, set[str]]:
+    "The CPU's model name and its feature flags, from /proc/cpuinfo ('', empty set where there is none)."
+    if cpuinfo is None:
+        try: cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError: return "", set()
+    name, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name: name = value.strip()
+        if key.strip() in ("flags", "Features"): flags.update(value.split())
+    return name, flags
+
 def cpu_has_fast_bf16(cpuinfo:str|None=None,  # text of /proc/cpuinfo; read it when None
                       ) -> bool:
     "Whether a bf16 training step is fast on this CPU: x86 with AMX-BF16 tiles."
-    if cpuinfo is None:
-        try: cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError: return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags": flags.update(value.split())
-    return "amx_bf16" in flags
+    return "amx_bf16" in cpu_info(cpuinfo)[1]
 
 # %% ../nbs/00_core.ipynb #22a74222
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -128,6 +135,16 @@ def compute_dtype(device:torch.device|str|None=None,  # where the model runs; `d
     if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu": return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return torch.float32
+
+# %% ../nbs/00_core.ipynb #516aaf96
+SPEED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+def machine_info() -> dict:
+    "This machine as a run records it: CPU model, its speed-relevant flags, usable cores, and the GPU if any."
+    name, flags = cpu_info()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": name, "cpu_flags": [f for f in SPEED_FLAGS if f in flags], "cores": cores, "gpu": gpu}
 
 # %% ../nbs/00_core.ipynb #7d662092
 def human_bytes(n:int|float) -> str:

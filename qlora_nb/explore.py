@@ -19,7 +19,8 @@ from .models import load_base
 from .runlog import read_run_log
 from .metrics import perplexity
 from .memory import MemoryEstimate, estimate_memory
-from .recipe import build_model, load_config_file, resolve_config, resolve_device
+from .settings import load_config_file, resolve_config
+from .recipe import build_model, resolve_device
 from .dashboard import RunForm, check_run_config, default_run_config
 
 # %% auto #0

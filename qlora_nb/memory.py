@@ -15,7 +15,8 @@ from .core import check_in, check_range, human_bytes, set_seed
 from .lora import LoRAConfig, _tensors, is_quantized
 from .loss import causal_lm_loss
 from .methods import load_for_training
-from .recipe import build_model, resolve_config
+from .settings import resolve_config
+from .recipe import build_model
 
 # %% auto #0
 __all__ = ['CPU_ALLOCATOR_SLACK', 'saved_activation_bytes', 'runtime_bytes', 'weight_bytes_by_dtype', 'MemoryEstimate',

@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from qlora_nb.cli import main
-from qlora_nb.recipe import SETTINGS
+from qlora_nb.settings import SETTINGS
 
 FAST = ["--model", "tiny", "--quant", "none", "--max-steps", "6", "--save-steps", "3", "--eval-steps", "3", "--lr", "1e-3",
         "--set", "em_examples=15", "--set", "em_max_new_tokens=4", "--set", "ppl_max_tokens=128", "--set", "eval_rows=8",
@@ -60,8 +60,9 @@ def test_run_layout_and_refusals(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert f"adapter: {out / 'adapter'}" in printed and f"report: {out / 'report.html'}" in printed
-    assert "exact-match: " in printed and "perplexity on the general text" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "config.json", "eval_before.json", "report.html", "run.jsonl"]
+    assert "exact_match" in printed and "perplexity on the general text" in printed and "== data" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "config.json", "data_report.json", "environment.json",
+                                                     "eval_before.json", "report.html", "run.jsonl"]
 
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4

@@ -16,7 +16,7 @@ CONFIG = {"model": "tiny", "quant": "nf4", "max_steps": 6, "batch_size": 4, "lr"
 DASHBOARD_SCRIPT = """
 import json, sys
 from qlora_nb.dashboard import TrainingDashboard
-from qlora_nb.recipe import resolve_config
+from qlora_nb.settings import resolve_config
 dash = TrainingDashboard(resolve_config(overrides=json.loads(sys.argv[1])), run_root=sys.argv[2])
 assert dash.start(), dash.form.errors()
 dash.wait(600)
