@@ -19,7 +19,7 @@ from .core import check_in, check_range, data_dir
 __all__ = ['FORMATS', 'SPLITS', 'FILE_TYPES', 'DATA_FORMATS_HELP', 'READERS', 'SURROGATE', 'SHAREGPT_ROLES', 'CANONICAL_FIELDS',
            'PLAIN_TEMPLATE', 'DataError', 'resolve_data_path', 'detect_format', 'canonical_row', 'load_data',
            'load_examples', 'check_template', 'user_text', 'uses_chat_template', 'split_turns', 'split_example',
-           'format_prompt', 'tokenize_dataset', 'make_collator']
+           'format_prompt', 'tokenize_dataset', 'pad_id_of', 'pad_batch', 'make_collator']
 
 # %% ../nbs/03_data.ipynb #57734c3a
 class DataError(ValueError):
@@ -368,20 +368,30 @@ def tokenize_dataset(ds:Dataset, tokenizer,
     return tokenized.remove_columns(["full_length", "where"]), stats
 
 # %% ../nbs/03_data.ipynb #9aca0672
+def pad_id_of(tokenizer) -> int:
+    "The id to pad with: the tokenizer's pad token, else its EOS token."
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None: raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token")
+    return pad_id
+
+def pad_batch(rows:list[dict], fills:dict[str, int],  # key -> the value its padding gets, e.g. {'labels': -100}
+              pad_to_multiple_of:int|None=None) -> dict[str, torch.Tensor]:
+    "Each key's lists of the rows, padded on the right to the longest row into (B, T) int64 tensors."
+    longest = max(len(r["input_ids"]) for r in rows)
+    if pad_to_multiple_of: longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    batch = {key: torch.full((len(rows), longest), fill, dtype=torch.long) for key, fill in fills.items()}  # (B, T) each
+    for i, row in enumerate(rows):
+        for key in fills: batch[key][i, :len(row[key])] = torch.tensor(row[key])
+    return batch
+
 def make_collator(tokenizer, pad_to_multiple_of:int|None=None,  # round the padded length up, e.g. 8 for tensor cores
                   ):
     "A function turning a list of tokenized rows into padded int64 input_ids, attention_mask and labels."
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None: raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token")
+    pad_id = pad_id_of(tokenizer)
     if pad_to_multiple_of is not None: check_range(pad_to_multiple_of, "pad_to_multiple_of", low=1)
     def collate(rows:list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        if pad_to_multiple_of: longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        batch = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(rows), longest), -100, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            batch[i, :n] = torch.tensor(r["input_ids"]); labels[i, :n] = torch.tensor(r["labels"]); mask[i, :n] = 1
-        return dict(input_ids=batch, attention_mask=mask, labels=labels)
+        batch = pad_batch(rows, {"input_ids": pad_id, "labels": -100}, pad_to_multiple_of)
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])  # (B,)
+        mask = (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]).long()  # (B, T)
+        return dict(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"])
     return collate

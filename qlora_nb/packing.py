@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from .core import check_range
+from .data import pad_batch, pad_id_of
 
 # %% auto #0
 __all__ = ['first_fit', 'pack_rows', 'make_packed_collator']
@@ -68,21 +69,15 @@ def make_packed_collator(tokenizer,  # gives the pad token (or EOS) for the tail
                          pad_to_multiple_of:int|None=None,  # round the batch length up, e.g. 8 for tensor cores
                         ):
     "A function turning rows of `pack_rows` into int64 input_ids, labels and position_ids (B, T), no attention_mask, and the count of real tokens."
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None: raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token")
+    pad_id = pad_id_of(tokenizer)
     if pad_to_multiple_of is not None: check_range(pad_to_multiple_of, "pad_to_multiple_of", low=1)
     def collate(rows:list[dict]) -> dict[str, torch.Tensor]:
         missing = [i for i, r in enumerate(rows) if "position_ids" not in r]
         if missing: raise ValueError(f"rows {missing[:5]} of the batch have no position_ids: pack them with pack_rows, or use data.make_collator")
-        longest = max(len(r["input_ids"]) for r in rows)
-        if pad_to_multiple_of: longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(rows), longest), -100, dtype=torch.long)  # (B, T)
-        position_ids = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            input_ids[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
-            position_ids[i, :n], position_ids[i, n:] = torch.tensor(r["position_ids"]), torch.arange(longest - n)  # the tail: a sequence of its own
-        tokens = sum(len(r["input_ids"]) for r in rows)  # the real tokens, for throughput: the tails are padding
-        return dict(input_ids=input_ids, labels=labels, position_ids=position_ids, tokens=tokens)
+        batch = pad_batch(rows, {"input_ids": pad_id, "labels": -100, "position_ids": 0}, pad_to_multiple_of)
+        longest = batch["input_ids"].shape[1]
+        for i, r in enumerate(rows):  # the tail counts 0, 1, 2, ...: a sequence of its own, never scored
+            batch["position_ids"][i, len(r["input_ids"]):] = torch.arange(longest - len(r["input_ids"]))
+        batch["tokens"] = sum(len(r["input_ids"]) for r in rows)  # the real tokens, for throughput: the tails are padding
+        return batch
     return collate
