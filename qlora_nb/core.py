@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #dc545da0
 from __future__ import annotations
-import contextlib, os, random, shutil, uuid, warnings
+import contextlib, json, os, random, shutil, time, uuid, warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SPEED_FLAGS', 'COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir', 'atomic_dir',
-           'default_device', 'cpu_info', 'cpu_has_fast_bf16', 'compute_dtype', 'machine_info', 'human_bytes',
-           'trim_heap', 'maybe_compiled']
+__all__ = ['SPEED_FLAGS', 'BF16_MAX_RATIO', 'COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir',
+           'atomic_dir', 'default_device', 'cpu_info', 'machine_info', 'calibration_step_seconds', 'dtype_calibration',
+           'calibrated_cpu_dtype', 'compute_dtype', 'human_bytes', 'trim_heap', 'maybe_compiled']
 
 # %% ../nbs/00_core.ipynb #4734fff1
 def set_seed(seed:int=0,  # the seed for python, numpy and torch (all devices)
@@ -115,27 +115,6 @@ def cpu_info(cpuinfo:str|None=None,  # text of /proc/cpuinfo; read it when None
         if key.strip() in ("flags", "Features"): flags.update(value.split())
     return name, flags
 
-def cpu_has_fast_bf16(cpuinfo:str|None=None,  # text of /proc/cpuinfo; read it when None
-                      ) -> bool:
-    "Whether a bf16 training step is fast on this CPU: x86 with AMX-BF16 tiles."
-    return "amx_bf16" in cpu_info(cpuinfo)[1]
-
-# %% ../nbs/00_core.ipynb #22a74222
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-def compute_dtype(device:torch.device|str|None=None,  # where the model runs; `default_device()` when None
-                  dtype:str|torch.dtype|None=None,  # an explicit choice: 'fp32', 'bf16', 'fp16' or a torch dtype
-                  ) -> torch.dtype:
-    "The dtype to compute in on `device`: bf16 where the hardware is fast at it, else fp32."
-    dtype = dtype or os.environ.get("QLORA_NB_DTYPE")
-    if isinstance(dtype, torch.dtype): return check_in(dtype, set(_DTYPES.values()), "dtype")
-    if dtype: return _DTYPES[check_in(str(dtype).lower(), _DTYPES, "dtype")]
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu": return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return torch.float32
-
 # %% ../nbs/00_core.ipynb #516aaf96
 SPEED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
@@ -145,6 +124,66 @@ def machine_info() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": name, "cpu_flags": [f for f in SPEED_FLAGS if f in flags], "cores": cores, "gpu": gpu}
+
+# %% ../nbs/00_core.ipynb #4ae05221
+BF16_MAX_RATIO = 0.7  # bf16 is chosen when its calibration step takes at most this share of fp32's
+
+def calibration_step_seconds(dtype:torch.dtype, repeats:int=2,
+                             enough:float=float("inf"),  # stop after the warm-up step when it took longer than this
+                            ) -> float:
+    "Best of `repeats` seconds for a training step of one SmolLM2-sized decoder layer and a vocabulary-slice loss in `dtype` on the CPU."
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=8192)
+    config._attn_implementation = "sdpa"
+    generator = torch.Generator().manual_seed(0)
+    layer, head = LlamaDecoderLayer(config, 0).to(dtype), torch.nn.Linear(576, 8192, bias=False).to(dtype)
+    x = torch.randn(4, 128, 576, generator=generator).to(dtype).requires_grad_()  # (B, T, h)
+    targets = torch.randint(0, 8192, (4 * 128,), generator=generator)
+    position_embeddings = LlamaRotaryEmbedding(config)(x, torch.arange(128)[None])
+    best = float("inf")
+    for attempt in range(repeats + 1):  # attempt 0 warms the kernels up
+        start = time.perf_counter()
+        logits = head(layer(x, position_embeddings=position_embeddings))  # (B, T, V)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets).backward()
+        seconds = time.perf_counter() - start
+        if attempt == 0 and seconds > enough: return seconds  # clearly slower already: no need to refine it
+        if attempt > 0: best = min(best, seconds)
+    return best
+
+def dtype_calibration(refresh:bool=False) -> dict:
+    "This CPU's calibration: fp32 and bf16 step seconds and the dtype they pick; measured once per CPU model, flags and torch."
+    name, flags = cpu_info()
+    key = f"{name}|{','.join(sorted(flags & set(SPEED_FLAGS)))}|torch {torch.__version__}"
+    path = cache_dir() / "dtype_calibration.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if refresh or key not in saved:
+        fp32 = calibration_step_seconds(torch.float32)
+        bf16 = calibration_step_seconds(torch.bfloat16, enough=3 * fp32)
+        saved[key] = {"fp32_s": fp32, "bf16_s": bf16, "dtype": "bf16" if bf16 <= BF16_MAX_RATIO * fp32 else "fp32"}
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(saved, indent=1)); os.replace(tmp, path)
+    return saved[key]
+
+def calibrated_cpu_dtype() -> torch.dtype:
+    "bf16 when the calibration step on this CPU is clearly faster in bf16 than in fp32, else fp32."
+    return torch.bfloat16 if dtype_calibration()["dtype"] == "bf16" else torch.float32
+
+# %% ../nbs/00_core.ipynb #22a74222
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+def compute_dtype(device:torch.device|str|None=None,  # where the model runs; `default_device()` when None
+                  dtype:str|torch.dtype|None=None,  # an explicit choice: 'fp32', 'bf16', 'fp16' or a torch dtype
+                  ) -> torch.dtype:
+    "The dtype to compute in on `device`: bf16 where the hardware is fast at it (measured once on a CPU), else fp32."
+    dtype = dtype or os.environ.get("QLORA_NB_DTYPE")
+    if isinstance(dtype, torch.dtype): return check_in(dtype, set(_DTYPES.values()), "dtype")
+    if dtype: return _DTYPES[check_in(str(dtype).lower(), _DTYPES, "dtype")]
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu": return calibrated_cpu_dtype()
+    return torch.float32
 
 # %% ../nbs/00_core.ipynb #7d662092
 def human_bytes(n:int|float) -> str:
