@@ -6,6 +6,11 @@ rounds of `--steps` steps, so machine load affects both alike; we compare the me
 print the overhead as a ratio, by wall clock and by this process's CPU time (steadier on a shared machine; run
 with OMP_NUM_THREADS=1 so CPU time is not inflated by threads waiting for each other). Goal: under 3%.
 
+With `--busy`, the bare loop runs quietly with one thread per core, then again while another process keeps one core
+busy: with as many threads as before (what torch does by itself) and with the thread count `callback.threads`
+chooses from the cores left free. It prints each s/step and the share of the quiet throughput each keeps
+(goal: at least 40%).
+
 With `--packing`, the same bare loop instead trains on the embedded training rows twice over: padded to the
 longest row of each batch (`data.make_collator`), and packed into rows of `--max-length` tokens (`packing.pack_rows`,
 `packing.make_packed_collator`), alternating in rounds, and prints the real (non-pad) tokens per second of each and
@@ -13,11 +18,12 @@ their ratio, with the CPU model and flags.
 
     .venv/bin/python bench/train.py [--model smollm2-135m|tiny] [--quant none|nf4] [--steps 5] [--rounds 3] [--packing]
 """
-import argparse, io, statistics, tempfile, time
+import argparse, io, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
 
+from qlora_nb.callback.threads import free_core_threads, usable_cores
 from qlora_nb.callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
 from qlora_nb.core import machine_info
 from qlora_nb.data import make_collator
@@ -72,6 +78,34 @@ def compare_packing(model, tokenizer, rows, args, chunk_size):
     print(f"real tokens/s: padded {padded:.0f}, packed {packed_rate:.0f}; packed/padded = {packed_rate / padded:.2f}x")
 
 
+def compare_busy(model, rows, collate, args, chunk_size):
+    "Seconds per step of the bare loop: quiet, then beside a busy process with all threads and with the free cores' count."
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule("constant"))
+    order, cores = epoch_order(len(rows), 0, 0, args.batch_size), usable_cores()
+    def seconds_per_step(threads, round_index):
+        torch.set_num_threads(threads)
+        steps = order[round_index * args.steps:(round_index + 1) * args.steps]
+        start = time.perf_counter()
+        bare_steps(model, rows, collate, optimizer, scheduler, steps, 0.3, chunk_size)
+        return (time.perf_counter() - start) / args.steps
+    seconds_per_step(cores, 0)  # warm up allocator and kernels
+    quiet = seconds_per_step(cores, 1)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1)
+        all_threads = seconds_per_step(cores, 2)
+        with free_core_threads() as chosen: governed = seconds_per_step(chosen, 3)
+    finally: busy.kill()
+    machine = machine_info()
+    print(f"model {args.model} (quant {args.quant}, {args.dtype}), batch {args.batch_size}, {args.steps} steps each; "
+          f"CPU {machine['cpu'] or '?'} ({', '.join(machine['cpu_flags'])}), {cores} cores")
+    print(f"quiet, {cores} threads: {quiet:.2f} s/step")
+    print(f"one busy process, {cores} threads: {all_threads:.2f} s/step, {quiet / all_threads:.0%} of the quiet throughput")
+    print(f"one busy process, {chosen} thread(s) from the free cores: {governed:.2f} s/step, {quiet / governed:.0%} of the quiet throughput (goal: >= 40%)")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -82,6 +116,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--packing", action="store_true", help="compare packed with padded batches instead")
+    parser.add_argument("--busy", action="store_true", help="measure beside a busy process, with all threads and with the free cores' count")
     args = parser.parse_args()
 
     config = resolve_config(overrides=dict(model=args.model, quant=args.quant, lora_r=16, lora_alpha=32, lora_dropout=0.05,
@@ -93,6 +128,7 @@ def main():
     collate = make_collator(tokenizer)
     total = args.steps * args.rounds
     if args.packing: return compare_packing(model, tokenizer, rows, args, config["loss_chunk_size"])
+    if args.busy: return compare_busy(model, rows, collate, args, config["loss_chunk_size"])
 
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = [ThroughputMonitor(), GradientMonitor(), StabilityMonitor(warn=False),

@@ -163,6 +163,7 @@ SPEED_SETTINGS = _group("speed",
     ("recompute", "bool", True, None, "backward remakes SwiGLU products, norm outputs and attention probabilities"),
     ("cpu_kernels", "bool", True, None, "4-bit layers use bitsandbytes' CPU kernels without autograd, where present"),
     ("decode_kernel", "bool", True, None, "the output head decodes one row with a compiled kernel"),
+    ("threads", "int_or_none", None, (1, 1024), "compute threads (null: the cores other processes leave free, read again every 10 steps)"),
     ("loss_chunk_size", "int_or_none", 256, (1, 10**7), "tokens per chunk of the vocabulary loss (null: the model's own loss)"),
 )
 

@@ -75,7 +75,7 @@ def test_run_layout_and_refusals(tmp_path, capsys):
     assert [r["step"] for r in records if r["type"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if r["type"] == "eval"] == [3, 6]
     step = next(r for r in records if r["type"] == "step")
-    for key in ("loss", "lr", "grad_norm", "grad_norm_preclip", "update_ratio", "tokens_per_s", "eta_s", "peak_rss"): assert key in step
+    for key in ("loss", "lr", "grad_norm", "grad_norm_preclip", "update_ratio", "tokens_per_s", "eta_s", "peak_rss", "threads"): assert key in step
     evaluation = records[-1]
     assert evaluation["event"] == "evaluation" and set(evaluation["before"]["per_task"]) == set(evaluation["after"]["per_task"])
     assert len(evaluation["after"]["per_task"]) == 15 and evaluation["after"]["n"] == 15
