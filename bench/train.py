@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_nb.callback.threads import free_core_threads, usable_cores
+from qlora_nb.callback.threads import compute_threads, usable_cores
 from qlora_nb.callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
 from qlora_nb.core import machine_info
 from qlora_nb.data import make_collator
@@ -96,7 +96,7 @@ def compare_busy(model, rows, collate, args, chunk_size):
     try:
         time.sleep(1)
         all_threads = seconds_per_step(cores, 2)
-        with free_core_threads() as chosen: governed = seconds_per_step(chosen, 3)
+        with compute_threads() as chosen: governed = seconds_per_step(chosen, 3)
     finally: busy.kill()
     machine = machine_info()
     print(f"model {args.model} (quant {args.quant}, {args.dtype}), batch {args.batch_size}, {args.steps} steps each; "

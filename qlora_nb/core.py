@@ -13,8 +13,9 @@ import torch
 
 # %% auto #0
 __all__ = ['SPEED_FLAGS', 'BF16_MAX_RATIO', 'COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir',
-           'atomic_dir', 'default_device', 'cpu_info', 'machine_info', 'calibration_step_seconds', 'dtype_calibration',
-           'calibrated_cpu_dtype', 'compute_dtype', 'human_bytes', 'trim_heap', 'maybe_compiled']
+           'atomic_dir', 'write_json_atomic', 'default_device', 'cpu_info', 'available_cores', 'machine_info',
+           'calibration_step_seconds', 'dtype_calibration', 'calibrated_cpu_dtype', 'compute_dtype', 'human_bytes',
+           'trim_heap', 'maybe_compiled']
 
 # %% ../nbs/00_core.ipynb #4734fff1
 def set_seed(seed:int=0,  # the seed for python, numpy and torch (all devices)
@@ -85,6 +86,13 @@ def atomic_dir(final:Path|str,  # the folder to create or replace
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+def write_json_atomic(path:Path|str, value):
+    "Write `value` as JSON to `path` in one rename, so a reader sees the old file or the new one, never half of it."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(value, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
 def _fsync_dir(path:Path):
     "Flush the files in `path` and the folder entry itself to disk."
     for child in path.iterdir():
@@ -118,12 +126,15 @@ def cpu_info(cpuinfo:str|None=None,  # text of /proc/cpuinfo; read it when None
 # %% ../nbs/00_core.ipynb #516aaf96
 SPEED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
+def available_cores() -> int:
+    "The cores this process may run on (its CPU affinity, where the OS has one)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 def machine_info() -> dict:
     "This machine as a run records it: CPU model, its speed-relevant flags, usable cores, and the GPU if any."
     name, flags = cpu_info()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": name, "cpu_flags": [f for f in SPEED_FLAGS if f in flags], "cores": cores, "gpu": gpu}
+    return {"cpu": name, "cpu_flags": [f for f in SPEED_FLAGS if f in flags], "cores": available_cores(), "gpu": gpu}
 
 # %% ../nbs/00_core.ipynb #4ae05221
 BF16_MAX_RATIO = 0.7  # bf16 is chosen when its calibration step takes at most this share of fp32's
@@ -161,8 +172,7 @@ def dtype_calibration(refresh:bool=False) -> dict:
         fp32 = calibration_step_seconds(torch.float32)
         bf16 = calibration_step_seconds(torch.bfloat16, enough=3 * fp32)
         saved[key] = {"fp32_s": fp32, "bf16_s": bf16, "dtype": "bf16" if bf16 <= BF16_MAX_RATIO * fp32 else "fp32"}
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(saved, indent=1)); os.replace(tmp, path)
+        write_json_atomic(path, saved)
     return saved[key]
 
 def calibrated_cpu_dtype() -> torch.dtype:

@@ -18,8 +18,8 @@ from .core import check_in, check_range, data_dir
 # %% auto #0
 __all__ = ['FORMATS', 'SPLITS', 'FILE_TYPES', 'DATA_FORMATS_HELP', 'READERS', 'SURROGATE', 'SHAREGPT_ROLES', 'CANONICAL_FIELDS',
            'PLAIN_TEMPLATE', 'DataError', 'resolve_data_path', 'detect_format', 'canonical_row', 'load_data',
-           'load_examples', 'check_template', 'user_text', 'uses_chat_template', 'split_turns', 'split_example',
-           'format_prompt', 'tokenize_dataset', 'pad_id_of', 'pad_batch', 'make_collator']
+           'load_examples', 'check_template', 'user_text', 'has_prompt', 'uses_chat_template', 'split_turns',
+           'split_example', 'format_prompt', 'tokenize_dataset', 'pad_id_of', 'pad_batch', 'make_collator']
 
 # %% ../nbs/03_data.ipynb #57734c3a
 class DataError(ValueError):
@@ -266,6 +266,10 @@ def user_text(row:dict) -> str:
     "The instruction and, when there is one, a blank line and the input."
     return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
 
+def has_prompt(row:dict) -> bool:
+    "Whether a row has a prompt to answer (an instruction, an input or chat messages); plain text has none."
+    return bool(row.get("instruction") or row.get("input") or row.get("messages"))
+
 def uses_chat_template(tokenizer) -> bool: return bool(getattr(tokenizer, "chat_template", None))
 
 # %% ../nbs/03_data.ipynb #71cd408c
@@ -273,7 +277,7 @@ def split_turns(tokenizer, row:dict,  # a canonical row
                 template:str|None=None,  # a template with one {output}; None for the default
                 ) -> list[tuple[str, bool]]:
     "The text of one row as (piece, learned) pairs; the learned pieces are the assistant's answers with their ends."
-    if not row.get("instruction") and not row.get("input") and not row.get("messages"):  # plain text: all answer
+    if not has_prompt(row):  # plain text: all answer
         return [("", False), (row["output"] + (tokenizer.eos_token or ""), True)]
     if not uses_chat_template(tokenizer): return _plain_turns(tokenizer, row, template)
     if template is None: before, after = "{prompt}", ""

@@ -12,7 +12,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from .core import atomic_dir, cache_dir, check_in, check_range, compute_dtype, default_device, set_seed
-from .models import load_base, resolve_model_path
+from .models import load_base, load_tokenizer, resolve_model_path
 from .quant_linear import quantize_model
 from .lora import (LoRAConfig, LoRALinear, ModuleToSave, add_lora, find_targets, is_quantized, load_adapter, peft_config_dict,
                            peft_state_dict)
@@ -277,7 +277,7 @@ def _load_peft_bnb(name_or_path:str, quantize:bool, lora_config:LoRAConfig, dtyp
                    seed:int, attention:str, **method_kwargs):
     "The standard stack: transformers' loader with `BitsAndBytesConfig`, then PEFT's LoRA; `(model, tokenizer)`."
     import peft
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     folder = _model_folder(name_or_path, seed)
     quant = None
     if quantize:
@@ -287,8 +287,7 @@ def _load_peft_bnb(name_or_path:str, quantize:bool, lora_config:LoRAConfig, dtyp
                                                  device_map={"": device} if quantize else None)
     if not quantize: model = model.to(device)
     set_up_training_kernels(model, attention, recompute=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(str(folder))
     set_seed(seed)  # as `add_method` does
     model = peft.get_peft_model(model, lora_config.to_peft(model))
     return model, tokenizer

@@ -16,20 +16,15 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from .core import check_in, check_range, data_dir
-from .data import format_prompt, user_text
+from .data import format_prompt, has_prompt, user_text
 from .lora import LoRALinear, lora_disabled
 
 # %% auto #0
-__all__ = ['TASK_TYPES', 'METRICS', 'EMBEDDED_TASK_TYPES', 'MAIN_METRICS', 'METRIC_PACKAGES', 'has_prompt', 'generate_answers',
+__all__ = ['TASK_TYPES', 'METRICS', 'EMBEDDED_TASK_TYPES', 'MAIN_METRICS', 'METRIC_PACKAGES', 'generate_answers',
            'normalize_answer', 'exact_match', 'evaluate_exact_match', 'perplexity', 'task_type', 'metrics_for',
            'main_metric', 'score', 'score_rows', 'check_scorable', 'evaluate_rows', 'DecodingConfig', 'general_text',
            'forgetting_check', 'Comparison', 'compare', 'results_table', 'comparison_figure', 'Playground',
            'ServerChat']
-
-# %% ../nbs/06b_metrics.ipynb #cef81960
-def has_prompt(row:dict) -> bool:
-    "Whether a row has a prompt to answer (an instruction, an input or chat messages); plain text has none."
-    return bool(row.get("instruction") or row.get("input") or row.get("messages"))
 
 # %% ../nbs/06b_metrics.ipynb #d900b7c5
 @torch.no_grad()

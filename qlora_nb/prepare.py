@@ -14,8 +14,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from .core import check_in, check_range
-from .data import (SPLITS, DataError, check_template, load_data, resolve_data_path, split_example, tokenize_dataset,
-                            user_text)
+from .data import (SPLITS, DataError, check_template, has_prompt, load_data, resolve_data_path, split_example,
+                            tokenize_dataset, user_text)
 
 # %% auto #0
 __all__ = ['MOJIBAKE', 'CONTROL', 'SYNONYMS', 'WORD', 'AUGMENTATIONS', 'MIN_HELDOUT_ROWS', 'REASONS', 'WHERE', 'Finding',
@@ -60,9 +60,8 @@ def encoding_problem(text:str) -> str|None:
     if CONTROL.search(text): return f"control character {CONTROL.search(text).group()!r}"
     return None
 
-def _has_prompt(row:dict) -> bool: return bool(row.get("instruction") or row.get("input") or row.get("messages"))
 def _prompt_key(row:dict) -> str: return json.dumps([row.get("messages") or [], user_text(row)])
-def _overlap_key(row:dict) -> str: return _prompt_key(row) if _has_prompt(row) else row["output"]  # a text row is all answer
+def _overlap_key(row:dict) -> str: return _prompt_key(row) if has_prompt(row) else row["output"]  # a text row is all answer
 def _prompt_text(row:dict) -> str:
     "What the model reads: the instruction and input, or every message before the answer."
     return "\n".join(m["content"] for m in row["messages"]) if row.get("messages") else user_text(row)
@@ -83,7 +82,7 @@ def validate(ds:Dataset, tokenizer=None,  # the tokenizer for the length check; 
         if wheres: report.findings.append(Finding(check, message.format(n=len(wheres)), list(wheres)))
     add("empty output", "{n} rows have an empty answer", [r["where"] for r in rows if not r["output"].strip()])
     add("short", f"{{n}} rows have a prompt (or, for plain text, a text) under {min_chars} characters",
-        [r["where"] for r in rows if r["output"].strip() and len((_prompt_text(r) if _has_prompt(r) else r["output"]).strip()) < min_chars])
+        [r["where"] for r in rows if r["output"].strip() and len((_prompt_text(r) if has_prompt(r) else r["output"]).strip()) < min_chars])
     if tokenizer is not None:
         full = ["".join(split_example(tokenizer, r, template)) for r in rows]
         lengths = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]

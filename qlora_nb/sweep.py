@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_sweep.ipynb #fbb9fcb7
 from __future__ import annotations
-import argparse, ast, datetime, html, itertools, json, os, re, shutil, subprocess, sys, time, traceback, uuid
+import argparse, ast, datetime, html, itertools, json, re, shutil, subprocess, sys, time, traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from .core import check_range
+from .core import check_range, write_json_atomic
 
 # %% auto #0
 __all__ = ['FINISHED', 'ERROR', 'EXECUTED', 'CHARTS', 'Sweep', 'run_name', 'load_sweep', 'is_finished', 'execute_run',
@@ -137,12 +137,6 @@ def _toy_notebook() -> nbformat.NotebookNode:
 # %% ../nbs/09_sweep.ipynb #795c5470
 FINISHED, ERROR, EXECUTED = "_finished.json", "_error.json", "notebook.ipynb"
 
-def _write_json_atomic(path:Path, value):
-    "Write `value` as JSON to `path` in one rename, so readers see all of it or nothing."
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
 def _strip_ansi(text:str) -> str: return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 def is_finished(run_dir:Path|str, parameters:dict|None=None) -> bool:
@@ -183,7 +177,7 @@ def execute_run(notebook:Path|str,  # the parameterized notebook
             "cell_index": None, "execution_count": None, "source": None, "ename": type(e).__name__, "evalue": str(e),
             "traceback": traceback.format_exc()})
     else: status.update(status="finished", seconds=time.perf_counter() - start)
-    _write_json_atomic(run_dir / (FINISHED if status["status"] == "finished" else ERROR), status)
+    write_json_atomic(run_dir / (FINISHED if status["status"] == "finished" else ERROR), status)
     return status
 
 # %% ../nbs/09_sweep.ipynb #70238998
@@ -205,7 +199,7 @@ def execute_run_in_process(notebook:Path|str, run_dir:Path|str, parameters:dict,
         "evalue": f"the run's process exited with status {child.returncode} without a result: {stderr[-1] if stderr else 'no output'}",
         "traceback": "\n".join(stderr[-40:])}}
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_dir / ERROR, status)
+    write_json_atomic(run_dir / ERROR, status)
     return status
 
 # %% ../nbs/09_sweep.ipynb #d17e135a
@@ -220,7 +214,7 @@ def run_sweep(sweep:Sweep|Path|str,  # a checked Sweep or the path of its YAML f
     workers = check_range(workers or sweep.workers, "workers", low=1)
     sweep_dir = Path(runs_dir).resolve() / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(sweep_dir / "sweep.json", {"sweep": str(sweep.path), "notebook": str(sweep.notebook), "runs": sweep.runs})
+    write_json_atomic(sweep_dir / "sweep.json", {"sweep": str(sweep.path), "notebook": str(sweep.notebook), "runs": sweep.runs})
     statuses, todo = {}, []
     for name, params in sweep.runs.items():
         if is_finished(sweep_dir / name, params):

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from ..core import available_cores
 from .core import Callback
 
 # %% auto #0
-__all__ = ['THREAD_CAP', 'cpu_ticks', 'usable_cores', 'FreeCores', 'threads_for', 'free_core_threads', 'ThreadGovernor']
+__all__ = ['THREAD_CAP', 'cpu_ticks', 'usable_cores', 'FreeCores', 'threads_for', 'compute_threads', 'ThreadGovernor']
 
 # %% ../../nbs/04c_callback.threads.ipynb #41e9323d
 def cpu_ticks(stat:str|None=None,  # text of /proc/stat; read it when None
@@ -27,8 +28,7 @@ THREAD_CAP = torch.get_num_threads()  # torch's own count at import (OMP_NUM_THR
 
 def usable_cores() -> int:
     "The cores this process may compute on: those it may run on, at most `THREAD_CAP`."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, THREAD_CAP)
+    return min(available_cores(), THREAD_CAP)
 
 # %% ../../nbs/04c_callback.threads.ipynb #e097335e
 class FreeCores:
@@ -54,12 +54,15 @@ def threads_for(free:float, cores:int) -> int:
 
 # %% ../../nbs/04c_callback.threads.ipynb #a996f16f
 @contextlib.contextmanager
-def free_core_threads(settle:float=0.25,  # seconds to watch the other processes
-                     ):
-    "Within the block, as many torch threads as other processes leave cores free now (yielded); afterwards the count before."
-    before, free = torch.get_num_threads(), FreeCores()
-    time.sleep(settle)
-    threads = threads_for(free.measure(), free.cores)
+def compute_threads(threads:int|None=None,  # pin this many threads; None: as many as cores are free now
+                    settle:float=0.25,  # seconds to watch the other processes
+                   ):
+    "Within the block, `threads` torch threads, or as many as other processes leave cores free (yielded); afterwards the count before."
+    before = torch.get_num_threads()
+    if threads is None:
+        free = FreeCores()
+        time.sleep(settle)
+        threads = threads_for(free.measure(), free.cores)
     torch.set_num_threads(threads)
     try: yield threads
     finally: torch.set_num_threads(before)
