@@ -175,7 +175,9 @@ def open_storage(url:str,  # e.g. sqlite:///runs/search/study.db or postgresql:/
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                                                      grace_period=3 * heartbeat if heartbeat else None, heartbeat_stale_trial_callback=retry)
             break
-        except sqlalchemy.exc.IntegrityError:  # another worker made the new database's tables at the same moment: open theirs
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:  # another worker made the new database's tables
+            if "already exists" not in str(e) and isinstance(e, sqlalchemy.exc.OperationalError):  # at the same moment: open theirs
+                raise ValueError(f"storage={url!r} cannot be opened: {str(e).splitlines()[0]}") from None
             if attempt == 2: raise
             time.sleep(0.5)
         except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
