@@ -8,12 +8,15 @@
    exact fp32 path (`exact_matmuls`) is timed too. Both models keep SmolLM2's tied fp32 head; `quantize_model` makes
    it a `DecodeLinear` (a compiled one-row kernel), bitsandbytes' stack keeps nn.Linear. The per-token line splits
    the time between the head, the 4-bit layers and the rest.
+3. --fused: our fused 4-bit matmul (`fused_matmul_4bit`, used with autograd off for up to FUSED_MAX_ROWS fp32 rows)
+   against dequantize + matmul, the path it replaces, on SmolLM2's layer shapes for 1 to 64 rows, with the
+   machine's fp32 GEMM rate on the same shapes as the floor. Prints where the fused kernel stops winning.
 
 Our dequantize_4bit (qlora_nb.kernels) puts big outputs in transparent huge pages; bitsandbytes and the copy get ordinary pages, as
 their users do. To compare the kernels alone, the tensor part runs again in a subprocess with THP_MEM_ALLOC_ENABLE=1,
 which makes PyTorch put every big allocation (bitsandbytes' outputs and the copy too) in huge pages.
 
-Run: .venv/bin/python bench/quant.py [--skip-generate | --skip-tensor] [--repeats N] [--no-thp-rerun]"""
+Run: .venv/bin/python bench/quant.py [--skip-generate | --skip-tensor | --fused] [--repeats N] [--no-thp-rerun]"""
 import argparse, os, statistics, subprocess, sys, time, warnings
 
 # On a shared, oversubscribed CPU, OpenMP threads that spin-wait after each parallel region steal the cores the next
@@ -31,7 +34,8 @@ import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 from qlora_nb.quant import quantize_4bit  # noqa: E402
-from qlora_nb.kernels import bnb_cpu_kernels, dequantize_4bit, exact_matmuls  # noqa: E402
+from qlora_nb.kernels import (FUSED_MAX_ROWS, bnb_cpu_kernels, dequantize_4bit, exact_matmuls, fused_kernel,  # noqa: E402
+                              fused_matmul_4bit, fused_weights, use_kernels)
 from qlora_nb.quant_linear import NF4Linear, quantize_model  # noqa: E402
 
 
@@ -144,6 +148,7 @@ def bench_generate():
     quantized = quantize_model(copy.deepcopy(base))
     ours = tokens_per_second(quantized)
     with exact_matmuls(): exact = tokens_per_second(quantized)
+    with use_kernels(decode_kernel=False): undecoded = tokens_per_second(quantized)
     theirs_model = to_bnb_4bit(copy.deepcopy(base))
     theirs = tokens_per_second(theirs_model)
     if bnb_cpu_kernels():
@@ -152,11 +157,36 @@ def bench_generate():
     print(f"fp32: {fp32:.1f} tok/s   NF4Linear: {ours:.1f} tok/s   NF4Linear exact fp32: {exact:.1f} tok/s"
           f"   bnb 4-bit (fp32 compute): {theirs:.1f} tok/s")
     print(f"NF4Linear / bnb = {ours/theirs:.2f}x (goal >= 1.5x)   exact / bnb = {exact/theirs:.2f}x   NF4Linear / fp32 = {ours/fp32:.2f}x")
+    print(f"NF4Linear without its decode kernels (fused 4-bit matmul, one-row head): {undecoded:.1f} tok/s; with them "
+          f"{ours/undecoded:.2f}x that (fused kernel here: {'yes' if fused_kernel() else 'no'}; bitsandbytes' bf16 one: "
+          f"{'yes' if bnb_cpu_kernels() else 'no'})")
     print(f"per token: NF4Linear {1000/ours:.1f} ms, bnb {1000/theirs:.1f} ms; of which the fp32 lm_head "
           f"{layer_milliseconds(quantized.lm_head, nn.Linear):.1f} ms (quantize_model's DecodeLinear) vs "
           f"{layer_milliseconds(theirs_model.lm_head, nn.Linear):.1f} ms (nn.Linear), "
           f"the 4-bit layers {layer_milliseconds(quantized, NF4Linear):.1f} ms (NF4Linear) vs "
           f"{layer_milliseconds(theirs_model, bnb.nn.Linear4bit):.1f} ms (bnb Linear4bit)")
+
+
+def bench_fused(repeats):
+    "Our fused 4-bit matmul against dequantize + matmul, by rows, on SmolLM2's shapes; the fp32 GEMM rate as the floor."
+    if fused_kernel() is None: print("no fused kernel on this machine (it needs AVX2, FMA and a C compiler)"); return
+    print(f"\n== fused 4-bit matmul vs dequantize + matmul, fp32, NF4 blocksize 64 double quant, torch threads {torch.get_num_threads()}")
+    print(f"{'shape':>12} {'rows':>5} {'fused':>9} {'dequant+mm':>11} {'speed-up':>9} {'dense mm':>9} {'fused vs dense':>15}")
+    crossover = {}
+    for out_features, in_features in [(576, 576), (1536, 576), (576, 1536)]:
+        layer = NF4Linear.from_linear(nn.Linear(in_features, out_features, bias=False)).eval()
+        packed, state = layer.weight, layer.quant_state
+        absmax, code, dense = *fused_weights(state), dequantize_4bit(packed, state)
+        for rows in (1, 2, 4, 8, 16, 32, 64):
+            x = torch.randn(rows, in_features)
+            fused = timed(lambda: fused_matmul_4bit(x, packed, state, absmax, code), repeats)
+            with torch.inference_mode(), use_kernels(decode_kernel=False):  # the layer's own path: dequantize into its scratch buffer
+                eager = timed(lambda: layer(x), repeats)
+            floor = timed(lambda: x @ dense.T, repeats)  # the weight already in fp32: no dequantizing at all
+            if fused > eager: crossover.setdefault((out_features, in_features), rows)
+            print(f"{out_features:>5}x{in_features:<6} {rows:>5} {fused * 1e6:>7.0f}us {eager * 1e6:>9.0f}us {eager / fused:>8.2f}x"
+                  f" {floor * 1e6:>7.0f}us {floor / fused:>14.2f}x")
+    print(f"fused slower than dequantize + matmul from (shape: rows): {crossover or 'never, up to 64 rows'}; FUSED_MAX_ROWS = {FUSED_MAX_ROWS}")
 
 
 if __name__ == "__main__":
@@ -165,7 +195,9 @@ if __name__ == "__main__":
     parser.add_argument("--skip-tensor", action="store_true", help="only the generation part")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-thp-rerun", action="store_true", help="skip the rerun with huge pages for every allocation")
+    parser.add_argument("--fused", action="store_true", help="only the fused 4-bit matmul against dequantize + matmul, by rows")
     args = parser.parse_args()
+    if args.fused: bench_fused(args.repeats); sys.exit(0)
     if not args.skip_tensor: bench_tensor(args.repeats)
     if not args.skip_tensor and not args.no_thp_rerun and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         print("\n(kernels alone: the same with THP_MEM_ALLOC_ENABLE=1, in a subprocess)", flush=True)

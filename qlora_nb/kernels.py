@@ -4,18 +4,22 @@
 
 # %% ../nbs/01a_kernels.ipynb #27c7a0fd
 from __future__ import annotations
-import contextlib, ctypes, functools, logging, math, threading
+import contextlib, ctypes, functools, hashlib, logging, math, os, shutil, subprocess, tempfile, threading
+from pathlib import Path
 
 import torch
 
-from .core import check_in, maybe_compiled
+from .core import cache_dir, check_in, cpu_info, maybe_compiled
 from .quant import QUANT_DTYPES, QuantState, block_absmax, check_quant_state
 
+logger = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['KERNEL_DEFAULTS', 'HUGE_PAGE', 'HUGE_OUTPUT_MIN', 'WORD_DTYPE', 'BNB_VERIFIED_VERSIONS', 'kernel_choices',
-           'use_kernels', 'exact_matmuls', 'empty_output', 'byte_pair_table', 'bf16_bits', 'bnb_verified',
-           'bnb_cpu_function', 'bnb_cpu_dequantize', 'dequantize_4bit', 'scratch_buffer', 'bnb_cpu_kernels',
-           'cpu_kernel_layout', 'cpu_kernel_matmul', 'decode_row_matmul']
+__all__ = ['logger', 'KERNEL_DEFAULTS', 'HUGE_PAGE', 'HUGE_OUTPUT_MIN', 'WORD_DTYPE', 'BNB_VERIFIED_VERSIONS', 'FUSED_SOURCE',
+           'FUSED_FLAGS', 'FUSED_MAX_ROWS', 'kernel_choices', 'use_kernels', 'exact_matmuls', 'empty_output',
+           'byte_pair_table', 'bf16_bits', 'bnb_verified', 'bnb_cpu_function', 'bnb_cpu_dequantize', 'dequantize_4bit',
+           'scratch_buffer', 'bnb_cpu_kernels', 'cpu_kernel_layout', 'cpu_kernel_matmul', 'fused_kernel', 'fused_fits',
+           'fused_weights', 'fused_matmul_4bit', 'decode_row_matmul']
 
 # %% ../nbs/01a_kernels.ipynb #cf2229e8
 KERNEL_DEFAULTS = {"cpu_kernels": True, "decode_kernel": True, "exact": False}  # the choices outside any `use_kernels` block
@@ -261,6 +265,189 @@ def cpu_kernel_matmul(x:torch.Tensor,  # (..., in_features), any float dtype
     int64 = ctypes.c_int64
     kernel(int64(len(rows)), int64(out_features), int64(in_features), _address(rows), _address(weight),
            _address(absmax), _address(out), int64(blocksize), int64(in_features), int64(out_features))
+    return out.view(*x.shape[:-1], out_features)
+
+# %% ../nbs/01a_kernels.ipynb #b0e050dc
+FUSED_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <omp.h>
+
+/* The 16 code values sit in two registers; a 4-bit index picks its value: the low three bits choose a lane of both
+   registers, the fourth bit chooses the register. */
+static inline __m256 lookup(__m256 low8, __m256 high8, __m256i index, __m256i fourth_bit_on_top) {
+    __m256 from_low = _mm256_permutevar8x32_ps(low8, index), from_high = _mm256_permutevar8x32_ps(high8, index);
+    return _mm256_blendv_ps(from_low, from_high, _mm256_castsi256_ps(fourth_bit_on_top));
+}
+
+/* 16 weights from 8 bytes: the high nibbles hold the even-indexed values, the low nibbles the odd ones. The table
+   holds code * absmax, the very products dequantization writes. */
+static inline void lookup16(const uint8_t *w, __m256 low8, __m256 high8, __m256 *even, __m256 *odd) {
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w));  /* a permute reads 3 bits only */
+    *even = lookup(low8, high8, _mm256_srli_epi32(bytes, 4), _mm256_slli_epi32(bytes, 24));
+    *odd = lookup(low8, high8, bytes, _mm256_slli_epi32(bytes, 28));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
+/* out[m][o] = x_m . w_o for W_ROWS weight rows and X_ROWS rows of x (W_ROWS * X_ROWS <= 4). Each weight value is
+   code * absmax, the very product dequantization writes; each dot product sums its even-indexed and its odd-indexed
+   products in two running sums, 16 values at a time in order, so its rounding never depends on the tile it is in. */
+static inline __attribute__((always_inline))
+void tile(const int W_ROWS, const int X_ROWS, const float *x, int64_t n_in, const uint8_t *w, const float *absmax,
+          int64_t blocksize, __m256 low8, __m256 high8, float *out, int64_t n_out) {
+    __m256 even_sum[4][4], odd_sum[4][4], even_w[4], odd_w[4], low[4], high[4];
+    const int64_t per_row = n_in / blocksize;
+    for (int o = 0; o < W_ROWS; o++)
+        for (int m = 0; m < X_ROWS; m++) even_sum[o][m] = odd_sum[o][m] = _mm256_setzero_ps();
+    for (int64_t block = 0; block < per_row; block++) {
+        for (int o = 0; o < W_ROWS; o++) {
+            __m256 scale = _mm256_set1_ps(absmax[o * per_row + block]);
+            low[o] = _mm256_mul_ps(low8, scale); high[o] = _mm256_mul_ps(high8, scale);
+        }
+        for (int64_t i = block * blocksize; i < (block + 1) * blocksize; i += 16) {
+            for (int o = 0; o < W_ROWS; o++) lookup16(w + o * (n_in / 2) + i / 2, low[o], high[o], &even_w[o], &odd_w[o]);
+            for (int m = 0; m < X_ROWS; m++) {
+                __m256 x_even = _mm256_loadu_ps(x + m * n_in + i), x_odd = _mm256_loadu_ps(x + m * n_in + i + 8);
+                for (int o = 0; o < W_ROWS; o++) {
+                    even_sum[o][m] = _mm256_fmadd_ps(even_w[o], x_even, even_sum[o][m]);
+                    odd_sum[o][m] = _mm256_fmadd_ps(odd_w[o], x_odd, odd_sum[o][m]);
+                }
+            }
+        }
+    }
+    for (int o = 0; o < W_ROWS; o++)
+        for (int m = 0; m < X_ROWS; m++) out[m * n_out + o] = sum8(_mm256_add_ps(even_sum[o][m], odd_sum[o][m]));
+}
+
+/* One weight row into `row`, dequantized, in x's order: each 16 values as their 8 even-indexed, then 8 odd-indexed. */
+static inline void dequantize_row(const uint8_t *w, const float *absmax, int64_t n_in, int64_t blocksize,
+                                  __m256 low8, __m256 high8, float *row) {
+    for (int64_t block = 0; block < n_in / blocksize; block++) {
+        const __m256 scale = _mm256_set1_ps(absmax[block]);
+        const __m256 low = _mm256_mul_ps(low8, scale), high = _mm256_mul_ps(high8, scale);
+        for (int64_t i = block * blocksize; i < (block + 1) * blocksize; i += 16) {
+            __m256 even, odd;
+            lookup16(w + i / 2, low, high, &even, &odd);
+            _mm256_storeu_ps(row + i, even); _mm256_storeu_ps(row + i + 8, odd);
+        }
+    }
+}
+
+/* out[m * n_out] = x_m . row for X_ROWS rows of x, summed as `tile` sums: even and odd products apart, 16 at a time. */
+static inline __attribute__((always_inline))
+void rows_times_row(const int X_ROWS, const float *x, int64_t n_in, const float *row, float *out, int64_t n_out) {
+    __m256 even_sum[4], odd_sum[4];
+    for (int m = 0; m < X_ROWS; m++) even_sum[m] = odd_sum[m] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n_in; i += 16) {
+        const __m256 even_w = _mm256_loadu_ps(row + i), odd_w = _mm256_loadu_ps(row + i + 8);
+        for (int m = 0; m < X_ROWS; m++) {
+            even_sum[m] = _mm256_fmadd_ps(even_w, _mm256_loadu_ps(x + m * n_in + i), even_sum[m]);
+            odd_sum[m] = _mm256_fmadd_ps(odd_w, _mm256_loadu_ps(x + m * n_in + i + 8), odd_sum[m]);
+        }
+    }
+    for (int m = 0; m < X_ROWS; m++) out[m * n_out] = sum8(_mm256_add_ps(even_sum[m], odd_sum[m]));
+}
+
+/* Every x row against one weight row, dequantized once into `row`, then four x rows at a time. */
+static void one_weight_row(int64_t m_rows, const float *x, int64_t n_in, const uint8_t *w, const float *absmax,
+                           int64_t blocksize, __m256 low8, __m256 high8, float *row, float *out, int64_t n_out) {
+    dequantize_row(w, absmax, n_in, blocksize, low8, high8, row);
+    for (int64_t m = 0; m < m_rows; m += 4) {
+        const float *xm = x + m * n_in; float *om = out + m * n_out;
+        switch (m_rows - m) {  /* constant tile sizes, so each case keeps its sums in registers */
+            case 1: rows_times_row(1, xm, n_in, row, om, n_out); break;
+            case 2: rows_times_row(2, xm, n_in, row, om, n_out); break;
+            case 3: rows_times_row(3, xm, n_in, row, om, n_out); break;
+            default: rows_times_row(4, xm, n_in, row, om, n_out); break;
+        }
+    }
+}
+
+/* out (m_rows, n_out) = x (m_rows, n_in) @ W.T for a 4-bit W (n_out, n_in), its rows split over `threads`.
+   x is stored in groups of 16 values: the 8 even-indexed ones, then the 8 odd-indexed ones. One or two x rows take
+   4 or 2 weight rows per tile, looked up as they are used; more x rows share one dequantized weight row. `scratch`
+   holds n_in floats per thread. */
+void matmul_4bit(int64_t m_rows, int64_t n_out, int64_t n_in, const float *x, const uint8_t *packed,
+                 const float *absmax, const float *code, int64_t blocksize, float *out, float *scratch, int threads) {
+    const __m256 low8 = _mm256_loadu_ps(code), high8 = _mm256_loadu_ps(code + 8);
+    const int64_t group = m_rows == 1 ? 4 : m_rows == 2 ? 2 : 1, per_row = n_in / blocksize;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = scratch + (int64_t)omp_get_thread_num() * n_in;
+        #pragma omp for schedule(static)
+        for (int64_t first = 0; first < n_out; first += group) {
+            const uint8_t *w = packed + first * (n_in / 2);
+            const float *scales = absmax + first * per_row;
+            if (group == 4 && first + 4 <= n_out) tile(4, 1, x, n_in, w, scales, blocksize, low8, high8, out + first, n_out);
+            else if (group == 2 && first + 2 <= n_out) tile(2, 2, x, n_in, w, scales, blocksize, low8, high8, out + first, n_out);
+            else for (int64_t o = first; o < first + group && o < n_out; o++)
+                one_weight_row(m_rows, x, n_in, packed + o * (n_in / 2), absmax + o * per_row, blocksize, low8, high8, row, out + o, n_out);
+        }
+    }
+}
+"""  # C: our fused 4-bit x fp32 matmul, AVX2 + FMA, OpenMP over the weight rows
+
+# %% ../nbs/01a_kernels.ipynb #e9b6efe5
+FUSED_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FUSED_MAX_ROWS = 32  # rows of x up to which the fused kernel beats dequantize + matmul (`bench/quant.py --fused`)
+
+def _build_library(compiler:str, target:Path) -> str|None:
+    "Compile `FUSED_SOURCE` into `target`, atomically; the compiler's complaint when it fails, else None."
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source, built = Path(tmp) / "matmul_4bit.c", Path(tmp) / target.name
+        source.write_text(FUSED_SOURCE)
+        result = subprocess.run([compiler, *FUSED_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode: return result.stderr.strip()[-2000:] or f"exit status {result.returncode}"
+        os.replace(built, target)  # a process building at the same time replaces it with the same bytes
+
+@functools.cache
+def fused_kernel():
+    "Our fused 4-bit × fp32 matmul (`matmul_4bit`) as a C function, built on first use; None where this machine can't run it."
+    if not {"avx2", "fma"} <= cpu_info()[1]: return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None: logger.info("no C compiler (cc or $CC): 4-bit layers dequantize for every matmul"); return None
+    key = hashlib.sha256("\0".join([FUSED_SOURCE, *FUSED_FLAGS, compiler]).encode()).hexdigest()[:16]
+    library = cache_dir("kernels") / f"matmul_4bit-{key}.so"
+    if not library.exists() and (error := _build_library(compiler, library)):
+        logger.warning(f"building the fused 4-bit kernel failed; 4-bit layers dequantize instead:\n{error}"); return None
+    function = ctypes.CDLL(str(library)).matmul_4bit
+    function.restype = None
+    return function
+
+# %% ../nbs/01a_kernels.ipynb #402bad79
+def fused_fits(in_features:int, blocksize:int) -> bool:
+    "Whether `matmul_4bit` takes a weight of this width: whole groups of 16 values, and blocks of whole groups."
+    return in_features % 16 == 0 and blocksize % 16 == 0 and in_features % blocksize == 0
+
+def fused_weights(state:QuantState) -> tuple[torch.Tensor, torch.Tensor]:
+    "What `matmul_4bit` reads beside the codes: every block's absmax `(nblocks,)` and the 16 code values, fp32."
+    return block_absmax(state).float().contiguous(), state.code.float().contiguous()
+
+def fused_matmul_4bit(x:torch.Tensor,  # (..., in_features) fp32, on the CPU
+                      packed:torch.Tensor,  # the weight's packed codes, bitsandbytes' layout
+                      state:QuantState,  # the weight's state, shape (out_features, in_features)
+                      absmax:torch.Tensor, code:torch.Tensor,  # `fused_weights(state)`, kept by the caller
+                      ) -> torch.Tensor:  # (..., out_features) fp32
+    "`x @ dequantize_4bit(packed, state).T` without writing the weight, by our C kernel on torch's thread count."
+    kernel = fused_kernel()
+    if kernel is None: raise RuntimeError("the fused 4-bit kernel is not available here (it needs AVX2, FMA and a C compiler); "
+                                          "check fused_kernel() first")
+    out_features, in_features = state.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features or not fused_fits(in_features, state.blocksize):
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} on {x.device} can't go through the fused kernel against a "
+                         f"{tuple(state.shape)} weight with blocksize {state.blocksize}: it takes fp32 CPU rows of "
+                         "in_features values, in_features a multiple of 16 and of the blocksize, the blocksize a multiple of 16")
+    rows = x.reshape(-1, in_features)  # (M, in)
+    grouped = rows.view(len(rows), -1, 8, 2).transpose(-1, -2).contiguous()  # (M, in/16, 2, 8): evens, then odds
+    threads, int64 = torch.get_num_threads(), ctypes.c_int64
+    out, scratch = torch.empty(len(rows), out_features), torch.empty(threads * in_features)  # (M, out); a row per thread
+    kernel(int64(len(rows)), int64(out_features), int64(in_features), _address(grouped), _address(packed), _address(absmax),
+           _address(code), int64(state.blocksize), _address(out), _address(scratch), ctypes.c_int(threads))
     return out.view(*x.shape[:-1], out_features)
 
 # %% ../nbs/01a_kernels.ipynb #e0a47d4f

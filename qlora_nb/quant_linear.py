@@ -14,8 +14,9 @@ from transformers.pytorch_utils import Conv1D
 from .core import check_in, human_bytes, trim_heap
 from .quant import (BLOCKSIZES, QuantState, block_absmax, check_quant_state, load_quant_state_dict, quant_state_dict,
                             quantize_4bit, quantized_nbytes)
-from .kernels import (bnb_cpu_kernels, cpu_kernel_layout, cpu_kernel_matmul, decode_row_matmul, dequantize_4bit,
-                              kernel_choices, scratch_buffer)
+from .kernels import (FUSED_MAX_ROWS, bnb_cpu_kernels, cpu_kernel_layout, cpu_kernel_matmul, decode_row_matmul,
+                              dequantize_4bit, fused_fits, fused_kernel, fused_matmul_4bit, fused_weights, kernel_choices,
+                              scratch_buffer)
 
 # %% auto #0
 __all__ = ['LAYER_COMPILE_MIN_NUMEL', 'DequantizeMatmul', 'DecodeLinear', 'linear_weight', 'dense_layer', 'NF4Linear',
@@ -98,7 +99,7 @@ class _Stored4bit(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype or quant_state.dtype
         self.fan_in_fan_out = fan_in_fan_out  # the packed weight is (out, in) all the same; exports write the source's layout back
-        self._kernel_weights = None  # built by `kernel_weights` on first inference through `cpu_kernel_matmul`
+        self._kernel_cache = {}  # the weight in a kernel's layout, by kernel, built on its first inference call
 
     quant_type = property(lambda self: self.quant_state.quant_type)
     blocksize = property(lambda self: self.quant_state.blocksize)
@@ -106,7 +107,7 @@ class _Stored4bit(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) moves the quant state with the buffers
         super()._apply(fn, *args, **kwargs)
-        self._kernel_weights = None
+        self._kernel_cache = {}
         if self.quant_state.absmax.device != self.weight.device: self.quant_state = self.quant_state.to(self.weight.device)
         return self
 
@@ -130,7 +131,7 @@ class _Linear4bitStateDict(_Stored4bit):
         except ValueError as e: error_msgs.append(f"{prefix}weight: {e}"); return
         if tuple(state.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"{prefix}weight: stored shape {tuple(state.shape)} != layer shape {(self.out_features, self.in_features)}"); return
-        self.weight, self.quant_state, self._kernel_weights = packed, state, None
+        self.weight, self.quant_state, self._kernel_cache = packed, state, {}
         if self.bias is not None and "bias" in own:
             with torch.no_grad(): self.bias.copy_(own["bias"])
         elif self.bias is not None: missing_keys.append(prefix + "bias")
@@ -167,14 +168,24 @@ class NF4Linear(_Linear4bitStateDict):
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         "The codes in `cpu_kernel_layout` and the absmax in bf16 `(in/blocksize, out)`: built on first use, then kept."
-        if self._kernel_weights is None:
+        if "bnb" not in self._kernel_cache:
             absmax = block_absmax(self.quant_state).view(self.out_features, -1).T.to(torch.bfloat16).contiguous()
-            self._kernel_weights = cpu_kernel_layout(self.weight, self.out_features, self.in_features), absmax
-        return self._kernel_weights
+            self._kernel_cache["bnb"] = cpu_kernel_layout(self.weight, self.out_features, self.in_features), absmax
+        return self._kernel_cache["bnb"]
+
+    def _uses_fused_kernel(self, x) -> bool:
+        "`decode_kernel` on in this thread, autograd off, fp32 CPU rows, at most `FUSED_MAX_ROWS` of them, and our kernel built."
+        choices = kernel_choices()
+        return (choices["decode_kernel"] and not choices["exact"] and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == self.compute_dtype == torch.float32 and x.numel() <= FUSED_MAX_ROWS * self.in_features
+                and fused_fits(self.in_features, self.blocksize) and fused_kernel() is not None)
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
         if self._uses_cpu_kernel(x):
             out = cpu_kernel_matmul(x, *self.kernel_weights(), self.quant_type, self.blocksize).to(self.compute_dtype)
+        elif self._uses_fused_kernel(x):
+            if "fused" not in self._kernel_cache: self._kernel_cache["fused"] = fused_weights(self.quant_state)  # fp32 absmax, codes
+            out = fused_matmul_4bit(x, self.weight, self.quant_state, *self._kernel_cache["fused"])  # (..., out_features)
         else: out = DequantizeMatmul.apply(x.to(self.compute_dtype), self)  # (..., out_features)
         if self.bias is not None: out = out + self.bias.to(self.compute_dtype)
         return out.to(x.dtype)
@@ -223,7 +234,7 @@ def memory_report(model:nn.Module) -> dict:
     seen, quantized_params, quantized_bytes, payload_bytes, other_params, other_bytes, kernel_bytes = set(), 0, 0, 0, 0, 0, 0
     for module in model.modules():
         if isinstance(module, NF4Linear):
-            kernel_bytes += sum(t.numel() * t.element_size() for t in module._kernel_weights or ())
+            kernel_bytes += sum(t.numel() * t.element_size() for kept in module._kernel_cache.values() for t in kept)
             quantized_params += module.in_features * module.out_features
             quantized_bytes += quantized_nbytes(module.weight, module.quant_state, include_constants=True)
             payload_bytes += quantized_nbytes(module.weight, module.quant_state)

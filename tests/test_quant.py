@@ -14,7 +14,8 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 
 from qlora_nb.quant import BLOCKSIZES, QuantState, block_absmax, code_midpoints, dequantize_4bit_reference, quantize_4bit
-from qlora_nb.kernels import bnb_cpu_dequantize, bnb_cpu_kernels, bnb_verified, dequantize_4bit, exact_matmuls, use_kernels
+from qlora_nb.kernels import (bnb_cpu_dequantize, bnb_cpu_kernels, bnb_verified, dequantize_4bit, exact_matmuls, fused_kernel,
+                              use_kernels)
 from qlora_nb.quant_linear import DecodeLinear, NF4Linear, quantize_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -325,7 +326,8 @@ def test_unverified_bnb_version_falls_back_with_the_same_bits(monkeypatch):
     assert bnb_cpu_dequantize(layer.weight, layer.quant_state, torch.empty(96, 512)) is None
     assert torch.equal(layer.dequantize(scratch=True), trained)
     assert torch.equal(trained, dequantize_4bit_reference(layer.weight, layer.quant_state))
-    with torch.no_grad(): assert torch.equal(layer(x), exact)  # no fused kernel: the exact matmul
+    with torch.no_grad(), use_kernels(decode_kernel=False): assert torch.equal(layer(x), exact)  # no bitsandbytes kernel: exact
+    with torch.no_grad(): assert layer._uses_fused_kernel(x) == (fused_kernel() is not None)  # ours needs no bitsandbytes
 
 
 def test_exact_matmuls_in_one_thread_leaves_another_thread_fast():
