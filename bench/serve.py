@@ -12,7 +12,8 @@ weights learned.
 
 Clients send requests concurrently (closed loop: each sends its next request when the last one is answered), half
 to each adapter, `--tokens` new tokens each (greedy; `ignore_eos` when the server accepts it, so every answer has
-the same length), every prompt distinct so that no answer comes from the cache. Reported per level: requests/s,
+the same length), every prompt distinct so that no answer comes from the cache, and the same prompts for every server. Every server
+runs on torch's default threads (one per core) unless OMP_NUM_THREADS says otherwise. Reported per level: requests/s,
 generated tokens/s, p50/p99 latency and time to first token (streamed; the naive server does not stream, so its
 first token is its whole answer), status counts, and the batch-size distribution from /metrics. Then the goals,
 as ratios:
@@ -118,7 +119,7 @@ class Server:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # every server on torch's own thread count (or OMP_NUM_THREADS, as given)
         self.process = subprocess.Popen([sys.executable, *argv, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 600.0):
@@ -248,7 +249,7 @@ def accepts_ignore_eos(url: str, model: str) -> bool:
 def run_levels(server: Server, levels, args, stream: bool, ignore_eos: bool, results: dict, metrics: bool = True):
     for clients in levels:
         before = server.metrics() if metrics else None
-        rows, seconds = asyncio.run(load(server.url, clients, args.requests, args.tokens, ADAPTERS, stream, ignore_eos, f"{server.name}-{clients}"))
+        rows, seconds = asyncio.run(load(server.url, clients, args.requests, args.tokens, ADAPTERS, stream, ignore_eos, f"level-{clients}"))
         results[server.name, clients] = summarize(rows, seconds, before, server.metrics() if metrics else None)
         show(server.name, clients, results[server.name, clients])
 

@@ -312,6 +312,23 @@ def test_cli_refuses_bad_arguments(runs, tmp_path, capsys, monkeypatch):
     assert "trained on different bases" in serve_error(capsys, runs[0], other)
     assert "--timeout=0.0 is out of range" in serve_error(capsys, runs[0], "--timeout", "0")
     assert "invalid int value" in serve_error(capsys, runs[0], "--max-batch", "many")
+    assert "--prefill-tokens=0 is out of range: allowed [1, inf)" in serve_error(capsys, runs[0], "--prefill-tokens", "0")
+    assert "invalid int value" in serve_error(capsys, runs[0], "--prefill-tokens", "none")
+
+
+def test_cli_passes_the_prefill_budget_to_the_engine(runs, monkeypatch):
+    "`--prefill-tokens N` reaches the engine `serve_main` builds: its scheduler admits at most N prompt tokens a step."
+    from qlora_nb.serve import app as serve_app
+    factories = []
+    real_create_app = serve_app.create_app
+    monkeypatch.setattr(serve_app, "create_app", lambda engine, *args: factories.append(engine) or real_create_app(engine, *args))
+    class NoServer:  # stands in for uvicorn: serve_main returns instead of serving
+        def __init__(self, config, state): pass
+        def run(self): pass
+    monkeypatch.setattr(serve_app, "DrainingServer", NoServer)
+    assert serve_app.serve_main([str(runs[0]), "--max-batch", "3", "--prefill-tokens", "7"]) == 0
+    engine = factories[-1]()  # the function the server would call at startup
+    assert (engine.max_batch, engine.scheduler.prefill_tokens) == (3, 7)
 
 
 def test_sigterm_drains_then_exits_0(server):

@@ -145,6 +145,29 @@ def test_the_context_limit_ends_a_sequence(runs):
     assert all(h.finish_reason == "length" for h in handles) and small.stats["steps"] - steps == 3 * 3 + 1
 
 
+def test_a_prefill_budget_spreads_a_burst_over_steps_oldest_first(engine, runs, prompts):
+    "Seven requests at once with room for all: each step prefills as many of the oldest as the budget holds, outputs unchanged."
+    expected = [engine.generate(p, "a", SamplingParams(max_tokens=5)) for p in prompts]
+    budget = max(len(p) for p in prompts)
+    budgeted = Engine("tiny", {"a": runs[0]}, max_batch=8, prefill_tokens=budget)
+    steps = []
+    budgeted.on_step = steps.append
+    handles = [budgeted.submit(p, "a", SamplingParams(max_tokens=5)) for p in prompts]
+    run_all(budgeted)
+    assert [h.token_ids for h in handles] == expected
+    admitted = [step["prefilled"] for step in steps if step["prefilled"]]
+    assert sum(admitted) == len(prompts) and len(admitted) > 1 and budgeted.stats["prompt_tokens"] == sum(map(len, prompts))
+    first = 0
+    for count in admitted:  # within the budget, and no fewer than fit
+        assert sum(map(len, prompts[first:first + count])) <= budget
+        assert first + count == len(prompts) or sum(map(len, prompts[first:first + count + 1])) > budget
+        first += count
+    first_tokens = [h.first_token_time for h in handles]
+    assert first_tokens == sorted(first_tokens)
+    with pytest.raises(ValueError, match=r"prefill_tokens=0 is out of range: allowed \[1, inf\)"): Engine("tiny", {}, prefill_tokens=0)
+    with pytest.raises(ValueError, match="prefill_tokens='64' must be an int >= 1, or None"): Engine("tiny", {}, prefill_tokens="64")
+
+
 @pytest.fixture(scope="module")
 def base():
     model, _ = load_base("tiny", dtype=torch.float32, device="cpu")

@@ -464,6 +464,10 @@ def make_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; another one needs --api-key)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    parser.add_argument("--prefill-tokens", type=int, default=256, metavar="N",
+                        help="prompt tokens prefilled per step at most; the oldest waiting prompt always goes (default 256)")
+    parser.add_argument("--prefix-cache", type=int, default=256, metavar="MB",
+                        help="memory for the keys and values of shared prompt beginnings (system prompts), reused across requests; 0: off (default 256)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a batch row; more get 429 (default 64)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its answer (a stream: its first token); then 504")
     parser.add_argument("--max-tokens-cap", type=int, default=256, help="the most new tokens one request may ask for (default 256)")
@@ -490,7 +494,8 @@ def serve_main(argv:list[str]|None=None) -> int:
         if not is_loopback(args.host) and not api_key:
             raise ValueError(f"--host {args.host} is not a loopback address, and serving it without --api-key (or QLORA_NB_API_KEY) "
                              "would answer anyone on the network")
-        for flag, value, low in [("--port", args.port, 0), ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+        for flag, value, low in [("--port", args.port, 0), ("--max-batch", args.max_batch, 1), ("--prefill-tokens", args.prefill_tokens, 1),
+                                 ("--prefix-cache", args.prefix_cache, 0), ("--max-queue", args.max_queue, 0),
                                  ("--max-tokens-cap", args.max_tokens_cap, 1)]: check_range(value, flag, low=low)
         for flag, value in [("--timeout", args.timeout), ("--cache-ttl", args.cache_ttl), ("--drain-timeout", args.drain_timeout)]:
             check_range(value, flag, low=0, low_open=True)
@@ -501,7 +506,9 @@ def serve_main(argv:list[str]|None=None) -> int:
         return 2
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_tokens_cap=args.max_tokens_cap,
                              clamp=args.clamp, api_key=api_key, drain_timeout=args.drain_timeout)
-    app = create_app(lambda: Engine(base, adapters, max_batch=args.max_batch, device=args.device), settings, cache, fingerprints)
+    app = create_app(lambda: Engine(base, adapters, max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
+                                     prefix_cache=args.prefix_cache << 20, device=args.device),
+                     settings, cache, fingerprints)
     state = app.state.serve
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_timeout), state)

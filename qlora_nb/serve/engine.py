@@ -20,11 +20,12 @@ from ..kernels import use_kernels
 from ..lora import PEFT_PREFIX, config_from_peft, find_targets
 from ..models import BUILTIN, load_base
 from ..quant_linear import quantize_model
+from .batch import PREFIX_BLOCK, BatchKVCache, PrefixCache
 
 # %% auto #0
-__all__ = ['QUANT_KEYS', 'SERVE_DEFAULTS', 'AdapterWeights', 'adapter_source', 'read_adapter', 'AdapterRows', 'MultiLoRALinear',
-           'add_multi_lora', 'SamplingParams', 'stop_index', 'held_back', 'Handle', 'Sequence', 'Scheduler',
-           'BatchKVCache', 'sample_tokens', 'serve_settings', 'ServedModel', 'decode_inputs', 'prefill_inputs',
+__all__ = ['SIDE_BY_SIDE_MAX_COLUMNS', 'QUANT_KEYS', 'SERVE_DEFAULTS', 'AdapterWeights', 'adapter_source', 'read_adapter',
+           'AdapterRows', 'MultiLoRALinear', 'add_multi_lora', 'SamplingParams', 'stop_index', 'held_back', 'Handle',
+           'Sequence', 'Scheduler', 'sample_tokens', 'serve_settings', 'ServedModel', 'decode_inputs', 'prefill_inputs',
            'next_tokens', 'check_prompt', 'EngineLoop', 'Engine']
 
 # %% ../../nbs/15_serve.engine.ipynb #db37ce4b
@@ -73,6 +74,8 @@ def read_adapter(name:str,  # the adapter's name, for error messages
     return AdapterWeights(name, folder, config.r, config.scaling, tensors)
 
 # %% ../../nbs/15_serve.engine.ipynb #78b12da6
+SIDE_BY_SIDE_MAX_COLUMNS = 256  # adapters × rank up to which a layer multiplies every row by all adapters' A at once
+
 class AdapterRows:
     "The adapter index of each batch row for the next forward, shared by every `MultiLoRALinear` of a model."
     def __init__(self): self.index = None  # (B,) long, or None when every row uses the base model
@@ -82,40 +85,50 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base:nn.Module,  # the frozen base linear (NF4Linear or nn.Linear)
                  adapters:list,  # per adapter slot 1..n: (A (r, in), B (out, r), scaling), or None where it has no LoRA here
                  rows:AdapterRows,  # where the engine puts each row's adapter index before a forward
+                 side_by_side_max:int=SIDE_BY_SIDE_MAX_COLUMNS,  # all adapters' columns up to which A sit side by side
                 ):
         super().__init__()
         self.base_layer, self.rows = base, rows
         self.in_features, self.out_features = base.in_features, base.out_features
         device = next(iter([*base.parameters(), *base.buffers()])).device
-        r = max([a.shape[0] for a, _, _ in filter(None, adapters)], default=1)
-        lora_A = torch.zeros(len(adapters) + 1, self.in_features, r, device=device)  # (n+1, in, r): A transposed, for bmm
-        lora_B = torch.zeros(len(adapters) + 1, r, self.out_features, device=device)  # (n+1, r, out): B transposed, times s
+        slots, self.r = len(adapters) + 1, max([a.shape[0] for a, _, _ in filter(None, adapters)], default=1)
+        lora_A = torch.zeros(slots, self.in_features, self.r, device=device)  # (n+1, in, r): A transposed, for bmm
+        lora_B = torch.zeros(slots, self.r, self.out_features, device=device)  # (n+1, r, out): B transposed, times s
         for slot, adapter in enumerate(adapters, start=1):
             if adapter is None: continue
             A, B, scaling = adapter
             lora_A[slot, :, :A.shape[0]] = A.T
             lora_B[slot, :B.shape[1]] = B.T * scaling
+        self.side_by_side = slots * self.r <= side_by_side_max
+        if self.side_by_side:  # (in, (n+1)·r) and ((n+1)·r, out): every adapter's columns next to each other
+            lora_A, lora_B = lora_A.permute(1, 0, 2).reshape(self.in_features, -1), lora_B.reshape(-1, self.out_features)
+            self.register_buffer("column_slot", torch.arange(slots, device=device).repeat_interleave(self.r))  # ((n+1)·r,)
         self.register_buffer("lora_A", lora_A); self.register_buffer("lora_B", lora_B)
 
-    def extra_repr(self) -> str: return f"adapters={len(self.lora_A) - 1}, r={self.lora_A.shape[-1]}"
+    def extra_repr(self) -> str: return f"adapters={self.lora_B.shape[0] // self.r - 1 if self.side_by_side else len(self.lora_A) - 1}, r={self.r}"
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out)
         index = self.rows.index
         if index is None: return out
-        lora = torch.bmm(torch.bmm(x.to(self.lora_A.dtype), self.lora_A[index]), self.lora_B[index])  # (B, T, r) -> (B, T, out)
+        x = x.to(self.lora_A.dtype)
+        if self.side_by_side:  # every adapter's A at once, then only the row's own columns go on to B
+            own = (self.column_slot == index[:, None]).to(x.dtype)[:, None, :]  # (B, 1, (n+1)·r)
+            lora = ((x @ self.lora_A) * own) @ self.lora_B  # (B, T, (n+1)·r) -> (B, T, out)
+        else: lora = torch.bmm(torch.bmm(x, self.lora_A[index]), self.lora_B[index])  # (B, T, r) -> (B, T, out)
         return out + lora.to(out.dtype)
 
 # %% ../../nbs/15_serve.engine.ipynb #fd656c12
 def add_multi_lora(model:nn.Module,  # the quantized base, changed in place
                    adapters:list[AdapterWeights],  # slot 1, 2, ... in this order
+                   side_by_side_max:int=SIDE_BY_SIDE_MAX_COLUMNS,  # see `MultiLoRALinear`
                   ) -> AdapterRows:
     "Wrap every linear layer any adapter targets in a `MultiLoRALinear`; returns the row index they all read."
     rows = AdapterRows()
     modules = sorted({m for adapter in adapters for m in adapter.tensors})
     for module in modules:
         stacks = [(a.tensors[module]["A"], a.tensors[module]["B"], a.scaling) if module in a.tensors else None for a in adapters]
-        model.set_submodule(module, MultiLoRALinear(model.get_submodule(module), stacks, rows))
+        model.set_submodule(module, MultiLoRALinear(model.get_submodule(module), stacks, rows, side_by_side_max))
     return rows
 
 # %% ../../nbs/15_serve.engine.ipynb #2246244a
@@ -217,70 +230,35 @@ class Sequence:
 # %% ../../nbs/15_serve.engine.ipynb #5b8c3451
 class Scheduler:
     "The waiting queue and the running batch; `schedule()` once per step says who joins and who was cancelled."
-    def __init__(self, max_batch:int):
-        self.max_batch, self.waiting, self.running, self.lock = max_batch, deque(), [], threading.Lock()
+    def __init__(self, max_batch:int,  # sequences in the running batch at most
+                 prefill_tokens:int|None=None,  # prompt tokens admitted per step at most (the oldest always is); None: no budget
+                ):
+        check_range(max_batch, "max_batch", low=1)
+        if prefill_tokens is not None:
+            if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int):
+                raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an int >= 1, or None for no budget")
+            check_range(prefill_tokens, "prefill_tokens", low=1)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.waiting, self.running, self.lock = deque(), [], threading.Lock()
 
     def add(self, seq:Sequence):
         with self.lock: self.waiting.append(seq)
 
     def has_work(self) -> bool: return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        "(admitted, cancelled): cancelled sequences leave both queues; waiting ones fill the free places, oldest first."
+    def schedule(self, cost:Callable[[Sequence], int]|None=None,  # prompt tokens a sequence's prefill computes; None: all of them
+                ) -> tuple[list[Sequence], list[Sequence]]:
+        "(admitted, cancelled): cancelled sequences leave both queues; waiting ones fill the free places, oldest first, within the budget."
         with self.lock:
             cancelled = [s for s in [*self.waiting, *self.running] if s.handle.cancel_requested]
             self.waiting = deque(s for s in self.waiting if not s.handle.cancel_requested)
-            staying = sum(not s.handle.cancel_requested for s in self.running)
-            admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - staying))]
+            free = self.max_batch - sum(not s.handle.cancel_requested for s in self.running)
+            admitted, tokens = [], 0
+            while self.waiting and len(admitted) < free:
+                tokens += cost(self.waiting[0]) if cost else len(self.waiting[0].prompt_ids)
+                if admitted and self.prefill_tokens is not None and tokens > self.prefill_tokens: break  # FIFO: no overtaking
+                admitted.append(self.waiting.popleft())
         return admitted, cancelled
-
-# %% ../../nbs/15_serve.engine.ipynb #bf43359f
-class BatchKVCache:
-    "Keys and values of the running batch, (max_batch, heads, columns, head_dim) per layer; row b's tokens from column 0."
-    is_compileable = False
-
-    def __init__(self, max_batch:int, max_len:int):
-        self.max_batch, self.max_len, self.capacity = max_batch, max_len, 0
-        self.keys, self.values = {}, {}  # layer -> (max_batch, heads, capacity, head_dim)
-        self.rows, self.columns, self.width = slice(0, 0), None, 0
-
-    def plan(self, start:int,  # the first batch row of the next forward
-             columns:torch.Tensor,  # (B, T): the column (= position) of each input token
-            ):
-        "Say where the next forward's tokens go; grows the columns when they do not fit."
-        self.rows, self.columns, self.width = slice(start, start + len(columns)), columns, int(columns.max()) + 1
-        if self.width > self.capacity: self._grow(min(self.max_len, max(self.width, 2 * self.capacity, 64)))
-
-    def _grow(self, capacity:int):
-        for store in (self.keys, self.values):
-            for layer, old in store.items():
-                store[layer] = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-                store[layer][:, :, :self.capacity] = old
-        self.capacity = capacity
-
-    def update(self, key_states:torch.Tensor, value_states:torch.Tensor, layer_idx:int, *args, **kwargs):  # (B, heads, T, head_dim) each
-        "Write this forward's keys and values into their rows and columns; return the rows' keys and values so far."
-        if layer_idx not in self.keys:
-            shape = (self.max_batch, key_states.shape[1], self.capacity, key_states.shape[3])
-            self.keys[layer_idx], self.values[layer_idx] = key_states.new_zeros(shape), value_states.new_zeros(shape)
-        rows = torch.arange(self.rows.start, self.rows.stop, device=key_states.device)[:, None]  # (B, 1)
-        columns = self.columns.to(key_states.device)  # (B, T)
-        for store, states in ((self.keys, key_states), (self.values, value_states)):
-            store[layer_idx][rows, :, columns] = states.transpose(1, 2)  # (B, T, heads, head_dim) into (row, column)
-        return self.keys[layer_idx][self.rows, :, :self.width], self.values[layer_idx][self.rows, :, :self.width]  # (B, heads, width, head_dim)
-
-    def get_seq_length(self, layer_idx:int=0) -> int: return self.width
-
-    def keep(self, rows:list[int], width:int):
-        "Keep only these batch rows, moved up to rows 0..len(rows)-1 (their first `width` columns)."
-        if rows == list(range(len(rows))): return
-        index = torch.tensor(rows)
-        for store in (self.keys, self.values):
-            for tensor in store.values(): tensor[:len(rows), :, :width] = tensor[index, :, :width]
-
-    def attention_mask(self) -> torch.Tensor:
-        "(B, 1, T, width) bool: the token in column c of a row sees columns 0..c of its own row."
-        return (torch.arange(self.width) <= self.columns[:, :, None])[:, None]
 
 # %% ../../nbs/15_serve.engine.ipynb #fe3d626a
 def sample_tokens(logits:torch.Tensor,  # (B, V) fp32
@@ -340,9 +318,10 @@ class ServedModel:
     def forward(self, cache:BatchKVCache, adapters:list[int],  # each row's adapter slot (0: the base)
                 start:int, ids:torch.Tensor, columns:torch.Tensor,  # first cache row; (B, T) input tokens and their columns
                 last:torch.Tensor,  # (B,) the input position (0..T-1) whose logits pick each row's next token
+                prefixes:dict|None=None,  # row -> cached blocks to copy into its first columns (see `BatchKVCache.plan`)
                ) -> torch.Tensor:  # (B, V) fp32
         "One forward of these cache rows through the model and their adapters; the logits at each row's `last` input."
-        cache.plan(start, columns)
+        cache.plan(start, columns, prefixes)
         index = torch.tensor(adapters, device=self.device)  # (B,)
         self.rows.index = index if bool(index.any()) else None
         keep = torch.unique(last)  # (K,) sorted input positions whose logits are needed
@@ -361,11 +340,18 @@ def decode_inputs(seqs:list) -> tuple:
     columns = torch.tensor([len(s) - 1 for s in seqs])[:, None]  # (B, 1)
     return torch.tensor([s.last_token for s in seqs])[:, None], columns, torch.zeros(len(seqs), dtype=torch.long)
 
-def prefill_inputs(seqs:list, pad_id:int) -> tuple:
-    "(ids, columns, last) of a prefill: the prompts right-padded to the longest, from column 0."
-    width = max(len(s.prompt_ids) for s in seqs)
-    ids = torch.tensor([s.prompt_ids + [pad_id] * (width - len(s.prompt_ids)) for s in seqs])  # (B, T)
-    return ids, torch.arange(width).expand(len(seqs), width), torch.tensor([len(s.prompt_ids) - 1 for s in seqs])
+def prefill_inputs(seqs:list, pad_id:int,
+                   cached:list[int]|None=None,  # prompt tokens of each sequence already in its cache row (prefix cache)
+                   limit:int|None=None,  # columns in a row (the context); padding never writes past them
+                  ) -> tuple:
+    "(ids, columns, last) of a prefill: each prompt after its cached tokens, right-padded to the longest, in the columns after them."
+    cached = cached or [0] * len(seqs)
+    rests = [s.prompt_ids[c:] for s, c in zip(seqs, cached)]
+    width = max(map(len, rests))
+    ids = torch.tensor([rest + [pad_id] * (width - len(rest)) for rest in rests])  # (B, T)
+    columns = torch.tensor(cached)[:, None] + torch.arange(width)  # (B, T)
+    if limit is not None: columns = columns.clamp(max=limit - 1)  # padding past the context: a column no prompt token is in
+    return ids, columns, torch.tensor([len(rest) - 1 for rest in rests])
 
 def next_tokens(seqs:list, logits:torch.Tensor,  # (B, V)
                 generator:torch.Generator,  # draws for sampled sequences without their own seed
@@ -441,12 +427,15 @@ class Engine(EngineLoop):
     def __init__(self, base:str,  # 'tiny', 'smollm2-135m' or a model folder
                  adapters:dict,  # adapter name -> adapter folder or run directory
                  max_batch:int=16,  # sequences decoded together at most
+                 prefill_tokens:int|None=256,  # prompt tokens prefilled per step at most (the oldest waiting prompt always is); None: no budget
+                 prefix_cache:int=256 << 20,  # bytes of prompt beginnings' keys and values kept to reuse (`PrefixCache`); 0: none
                  max_len:int|None=None,  # tokens per sequence (prompt + generated); None: the model's context
                  device:str|torch.device="cpu",
                  dtype:str|torch.dtype|None=None,  # compute dtype; None: `compute_dtype(device)`
                  seed:int=0,  # the tiny model's weights, and the draws of unseeded sampled requests
                 ):
-        check_range(max_batch, "max_batch", low=1)
+        self.scheduler = Scheduler(max_batch, prefill_tokens)  # first: it checks both before the model loads
+        self.prefixes = PrefixCache(prefix_cache)
         if any(not isinstance(n, str) or not n or n == base for n in adapters):
             raise ValueError(f"adapter names {list(adapters)} must be non-empty strings other than the base's name {base!r}")
         self.served = ServedModel(base, adapters, torch.device(device), dtype, seed)
@@ -459,15 +448,15 @@ class Engine(EngineLoop):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {i for i in [*([eos] if isinstance(eos, int) else eos or []), self.tokenizer.eos_token_id] if i is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.scheduler, self.cache = Scheduler(max_batch), BatchKVCache(max_batch, self.context_length)
+        self.cache = BatchKVCache(max_batch, self.context_length)
         self._generator = torch.Generator().manual_seed(seed)
         self._work, self._step_lock, self._thread, self._stopping = threading.Condition(), threading.Lock(), None, False
         self.on_step = None  # called after each step with {'batch_size', 'decoded', 'prefilled', 'seconds'}
-        self._stats = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "last_batch": 0, "finished": 0}
+        self._stats = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "last_batch": 0, "finished": 0}
 
     @property
     def stats(self) -> dict:
-        "Running and waiting sequences, last batch size, steps, tokens generated, prompt tokens prefilled, requests finished."
+        "Running and waiting sequences, last batch size, steps, tokens generated, prompt tokens (and of them, from the prefix cache), requests finished."
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting), **self._stats}
 
     def submit(self, prompt_ids:list[int],  # the prompt's token ids (chat template already applied)
@@ -485,29 +474,40 @@ class Engine(EngineLoop):
 
     @torch.inference_mode()
     def step(self) -> int:
-        "One step: admit waiting requests, decode every running sequence one token, prefill the newcomers; returns how many ran."
+        "One step: admit waiting requests and prefill them (their first token), or else decode the running ones a token; returns how many ran."
         with self._step_lock:
             started = time.perf_counter()
-            admitted, cancelled = self.scheduler.schedule()
+            admitted, cancelled = self.scheduler.schedule(cost=self._prefill_cost)
             for seq in cancelled: seq.finish("cancelled")
             running = self._retire(self.scheduler.running, [s for s in self.scheduler.running if s.status == "running"])
-            decoded = len(running)
-            if running: self._run(running, 0, decode_inputs(running))
-            running = self._retire(running, [s for s in running if s.status == "running"])
-            if admitted:
+            if admitted:  # rows R .. R+A-1, after the running ones, which wait a step: first tokens come first
                 for seq in admitted: seq.status = "running"
-                self._stats["prompt_tokens"] += sum(len(s.prompt_ids) for s in admitted)
-                self._run(admitted, len(running), prefill_inputs(admitted, self.pad_id))
-                self._retire(running + admitted, [s for s in running + admitted if s.status == "running"])
+                self._prefill(admitted, len(running))
+            elif running: self._run(running, 0, decode_inputs(running))  # rows 0 .. R-1
+            self._retire(running + admitted, [s for s in running + admitted if s.status == "running"])
+            decoded = 0 if admitted else len(running)
             ran = decoded + len(admitted)
             self._stats["steps"] += 1; self._stats["last_batch"] = ran
             if self.on_step: self.on_step({"batch_size": ran, "decoded": decoded, "prefilled": len(admitted), "seconds": time.perf_counter() - started})
             return ran
 
-    def _run(self, seqs:list[Sequence], start:int, inputs:tuple):
-        "One forward for `seqs` (cache rows from `start`) and their next tokens; an error fails exactly these sequences."
+    def _prefill_cost(self, seq:Sequence) -> int:
+        "Prompt tokens the prefill of `seq` computes: those after its cached blocks."
+        return len(seq.prompt_ids) - PREFIX_BLOCK * len(self.prefixes.cached_blocks(seq.adapter, seq.prompt_ids))
+
+    def _prefill(self, seqs:list[Sequence], start:int):
+        "Prefill newcomers in rows `start ..`: cached prompt beginnings copied in, the rest computed, new full blocks kept."
+        blocks = [self.prefixes.cached_blocks(s.adapter, s.prompt_ids) for s in seqs]
+        cached = [PREFIX_BLOCK * len(b) for b in blocks]
+        self._stats["prompt_tokens"] += sum(len(s.prompt_ids) for s in seqs); self._stats["cached_prompt_tokens"] += sum(cached)
+        inputs = prefill_inputs(seqs, self.pad_id, cached, self.context_length)
+        if self._run(seqs, start, inputs, {start + i: b for i, b in enumerate(blocks) if b}):
+            for i, seq in enumerate(seqs): self.prefixes.add(seq.adapter, seq.prompt_ids, self.cache, start + i)
+
+    def _run(self, seqs:list[Sequence], start:int, inputs:tuple, prefixes:dict|None=None) -> bool:
+        "One forward for `seqs` (cache rows from `start`) and their next tokens; an error fails exactly these sequences (False)."
         try:
-            logits = self.served.forward(self.cache, [s.adapter for s in seqs], start, *inputs)
+            logits = self.served.forward(self.cache, [s.adapter for s in seqs], start, *inputs, prefixes)
             for seq, token in zip(seqs, next_tokens(seqs, logits, self._generator)):
                 seq.add(token, self.eos_ids, self.context_length, self.tokenizer)
                 self._stats["tokens_generated"] += 1
@@ -515,6 +515,8 @@ class Engine(EngineLoop):
         except Exception as e:
             for seq in seqs:
                 if seq.status == "running": seq.finish(None, e)
+            return False
+        return True
 
     def _retire(self, rows:list[Sequence], live:list[Sequence]) -> list[Sequence]:
         "Make `live` the running batch, moving their cache rows up from where they are in `rows`; returns it."
