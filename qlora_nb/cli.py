@@ -11,13 +11,14 @@ import datasets
 from .core import dtype_calibration, human_bytes
 from .data import DATA_FORMATS_HELP
 from .lora import trainable_report
+from .metrics import read_blocklist
 from .settings import SETTINGS, load_config_file, resolve_config
 from .recipe import build, data_sources, evaluate_run, fit_and_evaluate
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'TRAIN_EXAMPLES', 'METHOD_NAMES', 'flag_of', 'make_parser', 'config_from_args', 'data_lines',
-           'dtype_words', 'model_line', 'evaluation_lines', 'summary_lines', 'train', 'quiet_libraries', 'main',
-           'eval_main']
+           'dtype_words', 'model_line', 'evaluation_lines', 'summary_lines', 'output_lines', 'train', 'quiet_libraries',
+           'main', 'eval_main']
 
 # %% ../nbs/06d_cli.ipynb #fc6638b6
 def flag_of(key:str) -> str: return "--" + key.replace("_", "-")
@@ -140,6 +141,18 @@ def summary_lines(summary:dict) -> list[str]:
     lines += evaluation_lines(summary["before"], summary["after"] or {})
     return lines + [f"adapter: {summary['adapter']}", f"report: {summary['report']}", f"run log: {summary['run_log']}"]
 
+# %% ../nbs/06d_cli.ipynb #d2f5d698
+def output_lines(before:dict|None, after:dict) -> list[str]:
+    "The output report before and after: the measures as a table, then each side's problems."
+    before, report = (before or {}).get("outputs") or {}, after.get("outputs")
+    if not report: return []
+    lines = [f"{'outputs':<33} {'before':>7} {'after':>7}   ({report['count']} answers)"]
+    lines += [f"  {key:<31} {_percent(before.get(key))} {_percent(report[key])}" for key in ("empty", "degenerate", "repetitive", "blocked")]
+    lines += [f"  {key.replace('_', '-'):<31} {_number(before.get(key), '.3f'):>7} {report[key]:>7.3f}" for key in ("distinct_1", "distinct_2")]
+    for side, outputs in (("before", before), ("after", report)):
+        if outputs: lines += [f"{side}: {problem}" for problem in outputs["problems"]] or [f"{side}: no problems"]
+    return lines
+
 # %% ../nbs/06d_cli.ipynb #afb52670
 def train(config:dict, resume:bool=False, overwrite:bool=False, print_fn=print) -> dict:
     "Run the whole job for `config` and print what happens; return the run's summary."
@@ -199,16 +212,18 @@ def eval_main(argv:list[str]|None=None) -> int:
     parser.add_argument("--em-examples", help="evaluate at most this many rows (default: the run's em_examples)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change an evaluation setting")
     parser.add_argument("--json", help="also write the evaluation to this JSON file")
+    parser.add_argument("--blocklist", metavar="FILE", help="phrases no answer may contain, one a line (lines starting with # are skipped)")
     args = parser.parse_args(argv)
     try:
         overrides = dict(_parse_set(item) for item in args.set)
         if args.test: overrides["test"] = args.test
         if args.em_examples: overrides["em_examples"] = args.em_examples
-        result = evaluate_run(args.run_dir, overrides)
+        blocklist = read_blocklist(args.blocklist) if args.blocklist else []
+        result = evaluate_run(args.run_dir, overrides, blocklist)
     except (ValueError, FileNotFoundError) as e:
         print(f"qlora-nb eval: error: {e}", file=sys.stderr)
         return 2
-    for line in evaluation_lines(result["before"], result["after"]): print(line)
+    for line in evaluation_lines(result["before"], result["after"]) + output_lines(result["before"], result["after"]): print(line)
     if args.json:
         with open(args.json, "w") as f: json.dump({"before": result["before"], "after": result["after"]}, f, indent=1)
     return 0

@@ -145,11 +145,13 @@ def general_text_path(config:dict) -> Path:
     "The file of the general text the run scores perplexity on."
     return data_dir() / "general.txt" if config["general_text"] == "general" else Path(config["general_text"])
 
-def evaluate_model(model, tokenizer, config:dict, rows:list[dict]) -> dict:
+def evaluate_model(model, tokenizer, config:dict, rows:list[dict],
+                   blocklist:list[str]=(),  # phrases no answer may contain, for the output report
+                  ) -> dict:
     "The test rows scored by their tasks' metrics and the general text's perplexity, as `config` asks; with the seconds it took."
     result, start, progress = {}, time.perf_counter(), config["progress"]
     if rows:
-        scores = evaluate_rows(model, tokenizer, rows, config["em_max_new_tokens"], config["em_batch_size"], progress=progress)
+        scores = evaluate_rows(model, tokenizer, rows, config["em_max_new_tokens"], config["em_batch_size"], progress=progress, blocklist=blocklist)
         result.update({k: v for k, v in scores.items() if k != "predictions"})
         prompted = [row for row in rows if has_prompt(row)]
         result["examples"] = [[row["output"], answer] for row, answer in zip(prompted[:5], scores["predictions"])]  # (reference, answer)
@@ -345,6 +347,7 @@ def build(config:dict,  # settings; the defaults fill in the rest (see `settings
 # %% ../nbs/06c_recipe.ipynb #0fff88e3
 def evaluate_run(run_dir:str|Path,  # a finished run's directory
                  overrides:dict|None=None,  # evaluation settings to change, e.g. {'test': 'my_test.jsonl'}
+                 blocklist:list[str]=(),  # phrases no answer may contain, for the output report
                 ) -> dict:
     "The base model and the run's trained model scored on the same rows: {'config', 'before', 'after'}."
     run_dir = Path(run_dir)
@@ -355,7 +358,7 @@ def evaluate_run(run_dir:str|Path,  # a finished run's directory
     rows, _ = build_rows(config, load_tokenizer(config["model"]))
     model, tokenizer = build_model(config)
     with use_kernels(cpu_kernels=config["cpu_kernels"], decode_kernel=config["decode_kernel"]):
-        before = evaluate_model(model, tokenizer, config, rows["test"])
+        before = evaluate_model(model, tokenizer, config, rows["test"], blocklist)
         load_trainable(model, run_dir / "adapter")
-        after = evaluate_model(model, tokenizer, config, rows["test"])
+        after = evaluate_model(model, tokenizer, config, rows["test"], blocklist)
     return {"config": config, "before": before, "after": after}
