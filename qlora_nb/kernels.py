@@ -412,10 +412,12 @@ def fused_kernel():
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None: logger.info("no C compiler (cc or $CC): 4-bit layers dequantize for every matmul"); return None
     key = hashlib.sha256("\0".join([FUSED_SOURCE, *FUSED_FLAGS, compiler]).encode()).hexdigest()[:16]
-    library = cache_dir("kernels") / f"matmul_4bit-{key}.so"
-    if not library.exists() and (error := _build_library(compiler, library)):
-        logger.warning(f"building the fused 4-bit kernel failed; 4-bit layers dequantize instead:\n{error}"); return None
-    function = ctypes.CDLL(str(library)).matmul_4bit
+    try:  # a cache directory it may not write, a library it can't load: never an error in a forward, only slower layers
+        library = cache_dir("kernels") / f"matmul_4bit-{key}.so"
+        if not library.exists() and (error := _build_library(compiler, library)): raise OSError(f"the compiler said:\n{error}")
+        function = ctypes.CDLL(str(library)).matmul_4bit
+    except OSError as e:
+        logger.warning(f"the fused 4-bit kernel could not be built or loaded; 4-bit layers dequantize instead: {e}"); return None
     function.restype = None
     return function
 
