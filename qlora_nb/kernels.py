@@ -396,13 +396,13 @@ void matmul_4bit(int64_t m_rows, int64_t n_out, int64_t n_in, const float *x, co
 FUSED_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 FUSED_MAX_ROWS = 32  # rows of x up to which the fused kernel beats dequantize + matmul (`bench/quant.py --fused`)
 
-def _build_library(compiler:str, target:Path) -> str|None:
-    "Compile `FUSED_SOURCE` into `target`, atomically; the compiler's complaint when it fails, else None."
+def _build_library(compiler:str, target:Path):
+    "Compile `FUSED_SOURCE` into `target`, atomically; OSError with the compiler's complaint when it fails."
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source, built = Path(tmp) / "matmul_4bit.c", Path(tmp) / target.name
         source.write_text(FUSED_SOURCE)
         result = subprocess.run([compiler, *FUSED_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
-        if result.returncode: return result.stderr.strip()[-2000:] or f"exit status {result.returncode}"
+        if result.returncode: raise OSError(f"the compiler said:\n{result.stderr.strip()[-2000:] or f'exit status {result.returncode}'}")
         os.replace(built, target)  # a process building at the same time replaces it with the same bytes
 
 @functools.cache
@@ -414,7 +414,7 @@ def fused_kernel():
     key = hashlib.sha256("\0".join([FUSED_SOURCE, *FUSED_FLAGS, compiler]).encode()).hexdigest()[:16]
     try:  # a cache directory it may not write, a library it can't load: never an error in a forward, only slower layers
         library = cache_dir("kernels") / f"matmul_4bit-{key}.so"
-        if not library.exists() and (error := _build_library(compiler, library)): raise OSError(f"the compiler said:\n{error}")
+        if not library.exists(): _build_library(compiler, library)
         function = ctypes.CDLL(str(library)).matmul_4bit
     except OSError as e:
         logger.warning(f"the fused 4-bit kernel could not be built or loaded; 4-bit layers dequantize instead: {e}"); return None
@@ -447,7 +447,7 @@ def fused_matmul_4bit(x:torch.Tensor,  # (..., in_features) fp32, on the CPU
     rows = x.reshape(-1, in_features)  # (M, in)
     grouped = rows.view(len(rows), -1, 8, 2).transpose(-1, -2).contiguous()  # (M, in/16, 2, 8): evens, then odds
     threads, int64 = torch.get_num_threads(), ctypes.c_int64
-    out, scratch = torch.empty(len(rows), out_features), torch.empty(threads * in_features)  # (M, out); a row per thread
+    out, scratch = torch.empty(len(rows), out_features), scratch_buffer(threads * in_features, torch.float32, x.device)  # (M, out); a row per thread
     kernel(int64(len(rows)), int64(out_features), int64(in_features), _address(grouped), _address(packed), _address(absmax),
            _address(code), int64(state.blocksize), _address(out), _address(scratch), ctypes.c_int(threads))
     return out.view(*x.shape[:-1], out_features)

@@ -74,6 +74,8 @@ class BatchKVCache:
 # %% ../../nbs/15_serve.batch.ipynb #64bc7882
 PREFIX_BLOCK = 16  # tokens per block of the prefix cache
 
+def _block_bytes(block:dict) -> int: return sum(t.numel() * t.element_size() for pair in block.values() for t in pair)
+
 class PrefixCache:
     "Keys and values of prompt beginnings, in blocks of `PREFIX_BLOCK` tokens per adapter slot, least recently used out first."
     def __init__(self, max_bytes:int):  # the most the cache holds; 0 keeps nothing
@@ -84,9 +86,9 @@ class PrefixCache:
         "The cached blocks that begin this prompt, in order; at least its last token is left to prefill."
         found = []
         for end in range(PREFIX_BLOCK, len(prompt_ids), PREFIX_BLOCK):
-            block = self.blocks.get((slot, tuple(prompt_ids[:end])))
-            if block is None: break
-            found.append(block); self.blocks.move_to_end((slot, tuple(prompt_ids[:end])))
+            key = (slot, tuple(prompt_ids[:end]))
+            if key not in self.blocks: break
+            found.append(self.blocks[key]); self.blocks.move_to_end(key)
         return found
 
     def add(self, slot:int, prompt_ids:list[int], cache:BatchKVCache, row:int):
@@ -95,7 +97,5 @@ class PrefixCache:
             key = (slot, tuple(prompt_ids[:end]))
             if key in self.blocks: self.blocks.move_to_end(key); continue
             self.blocks[key] = block = cache.read(row, end - PREFIX_BLOCK, end)
-            self.bytes += sum(t.numel() * t.element_size() for pair in block.values() for t in pair)
-        while self.bytes > self.max_bytes:
-            _, block = self.blocks.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for pair in block.values() for t in pair)
+            self.bytes += _block_bytes(block)
+        while self.bytes > self.max_bytes: self.bytes -= _block_bytes(self.blocks.popitem(last=False)[1])

@@ -99,13 +99,13 @@ class MultiLoRALinear(nn.Module):
             A, B, scaling = adapter
             lora_A[slot, :, :A.shape[0]] = A.T
             lora_B[slot, :B.shape[1]] = B.T * scaling
-        self.side_by_side = slots * self.r <= side_by_side_max
+        self.adapters, self.side_by_side = len(adapters), slots * self.r <= side_by_side_max
         if self.side_by_side:  # (in, (n+1)·r) and ((n+1)·r, out): every adapter's columns next to each other
             lora_A, lora_B = lora_A.permute(1, 0, 2).reshape(self.in_features, -1), lora_B.reshape(-1, self.out_features)
             self.register_buffer("column_slot", torch.arange(slots, device=device).repeat_interleave(self.r))  # ((n+1)·r,)
         self.register_buffer("lora_A", lora_A); self.register_buffer("lora_B", lora_B)
 
-    def extra_repr(self) -> str: return f"adapters={self.lora_B.shape[0] // self.r - 1 if self.side_by_side else len(self.lora_A) - 1}, r={self.r}"
+    def extra_repr(self) -> str: return f"adapters={self.adapters}, r={self.r}"
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out)
