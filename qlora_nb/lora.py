@@ -41,10 +41,10 @@ def is_fan_in_fan_out(module:nn.Module) -> bool:
     return isinstance(module, Conv1D) or getattr(module, "fan_in_fan_out", False) is True
 
 def is_quantized(module:nn.Module) -> bool:
-    "Whether `module` keeps its weight quantized (it has `dequantize()` and no floating-point weight)."
+    "Whether `module` keeps its weight quantized (it has `dequantize()`, and `packed_codes()` or no floating-point weight)."
     weight = getattr(module, "weight", None)
     return (isinstance(getattr(module, "in_features", None), int) and callable(getattr(module, "dequantize", None))
-            and not (isinstance(weight, torch.Tensor) and weight.is_floating_point()))
+            and (callable(getattr(module, "packed_codes", None)) or not (isinstance(weight, torch.Tensor) and weight.is_floating_point())))
 
 def dense_weight(module:nn.Module) -> torch.Tensor:
     "The (out, in) weight of a linear layer, dequantized if it is quantized (a view, transposed, for a Conv1D)."
@@ -183,7 +183,7 @@ def requantize(base:nn.Module,  # a quantized linear with `from_linear` (NF4Line
               ) -> nn.Module:
     "A new quantized linear like `base` holding `weight`."
     dense = dense_layer(weight, getattr(base, "bias", None))
-    kwargs = {k: getattr(base, k) for k in ("quant_type", "blocksize", "double_quant", "compute_dtype") if hasattr(base, k)}
+    kwargs = {k: getattr(base, k) for k in ("quant_type", "blocksize", "double_quant", "compute_dtype", "quant_storage") if hasattr(base, k)}
     layer = type(base).from_linear(dense, **kwargs).to(weight.device)
     if hasattr(base, "fan_in_fan_out"): layer.fan_in_fan_out = base.fan_in_fan_out  # still GPT-2's layout when exported
     return layer

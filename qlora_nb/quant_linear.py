@@ -19,8 +19,9 @@ from .kernels import (FUSED_MAX_ROWS, bnb_cpu_kernels, cpu_kernel_layout, cpu_ke
                               scratch_buffer)
 
 # %% auto #0
-__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'DequantizeMatmul', 'DecodeLinear', 'linear_weight', 'dense_layer', 'NF4Linear',
-           'own_tensors', 'quantize_model', 'memory_report']
+__all__ = ['LAYER_COMPILE_MIN_NUMEL', 'QUANT_STORAGES', 'DequantizeMatmul', 'DecodeLinear', 'linear_weight', 'dense_layer',
+           'check_quant_storage', 'codes_in_storage', 'codes_as_bytes', 'NF4Linear', 'own_tensors', 'quantize_model',
+           'memory_report']
 
 # %% ../nbs/01b_quant_linear.ipynb #abb92669
 class DequantizeMatmul(torch.autograd.Function):
@@ -80,6 +81,36 @@ def dense_layer(weight:torch.Tensor,  # the (out, in) weight
         if bias is not None: layer.bias.copy_(bias)
     return layer.requires_grad_(False)
 
+# %% ../nbs/01b_quant_linear.ipynb #5d0a7c31
+QUANT_STORAGES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # as bitsandbytes' `quant_storage`
+_STORAGE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+def check_quant_storage(quant_storage:torch.dtype|str,  # a dtype of `QUANT_STORAGES`, or its name ('uint8', 'fp32', 'bfloat16', ...)
+                        nbytes:int|None=None,  # bytes of packed codes it must hold in whole elements; None: don't check
+                        ) -> torch.dtype:
+    "The storage dtype `quant_storage` names; ValueError unless it is one of `QUANT_STORAGES` and fits `nbytes`."
+    name = str(quant_storage).removeprefix("torch.").lower() if isinstance(quant_storage, (str, torch.dtype)) else None
+    dtype = QUANT_STORAGES.get(_STORAGE_ALIASES.get(name, name))
+    if dtype is None:
+        raise ValueError(f"quant_storage={quant_storage!r} is not one of {', '.join(map(str, QUANT_STORAGES.values()))} "
+                         f"(or a name: {', '.join([*QUANT_STORAGES, *_STORAGE_ALIASES])})")
+    if nbytes is not None and nbytes % dtype.itemsize:
+        raise ValueError(f"quant_storage={dtype} holds {dtype.itemsize} bytes per element, but the packed codes take {nbytes} bytes; "
+                         f"use torch.uint8, or a weight whose out*in/2 is a multiple of {dtype.itemsize}")
+    return dtype
+
+def codes_in_storage(packed:torch.Tensor,  # packed codes `(n, 1)` uint8
+                     quant_storage:torch.dtype,  # from `check_quant_storage`
+                     ) -> torch.Tensor:
+    "The codes as a layer holds them: `packed` itself for uint8, else a frozen `nn.Parameter` `(n/itemsize, 1)` of the same bytes."
+    if quant_storage == torch.uint8: return packed
+    return nn.Parameter(packed.reshape(-1).view(quant_storage).view(-1, 1), requires_grad=False)  # a view: no copy, no conversion
+
+def codes_as_bytes(codes:torch.Tensor,  # packed codes in any storage dtype
+                   ) -> torch.Tensor:
+    "The uint8 `(n, 1)` bytes the kernels read, a view of `codes` (`codes` itself when it is uint8)."
+    return codes if codes.dtype == torch.uint8 else codes.detach().reshape(-1).view(torch.uint8).view(-1, 1)
+
 # %% ../nbs/01b_quant_linear.ipynb #8a9e1661
 class _Stored4bit(nn.Module):
     "A module holding a frozen 4-bit weight, its quant state and a bias: checks, properties, device moves and repr."
@@ -87,14 +118,17 @@ class _Stored4bit(nn.Module):
                  quant_state:QuantState,  # their state; `quant_state.shape` is (out_features, in_features)
                  bias:torch.Tensor|None=None,  # (out_features,), kept frozen
                  compute_dtype:torch.dtype|None=None,  # dtype of the matmul; None: the original weight dtype
-                 fan_in_fan_out:bool=False):  # made from a layer that stored its weight (in, out), GPT-2's Conv1D
+                 fan_in_fan_out:bool=False,  # made from a layer that stored its weight (in, out), GPT-2's Conv1D
+                 quant_storage:torch.dtype|str=torch.uint8):  # the dtype `weight` holds the codes in: uint8 (a buffer) or a float (a frozen parameter)
         super().__init__()
         check_quant_state(packed, quant_state)
+        quant_storage = check_quant_storage(quant_storage, packed.numel())
         if len(quant_state.shape) != 2: raise ValueError(f"NF4Linear needs a 2-D weight, got shape {tuple(quant_state.shape)}")
         self.out_features, self.in_features = quant_state.shape
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({self.out_features},)")
-        self.register_buffer("weight", packed)
+        if quant_storage == torch.uint8: self.register_buffer("weight", packed)
+        else: self.weight = codes_in_storage(packed, quant_storage)  # (out*in/2/itemsize, 1), bitsandbytes' layout
         self.quant_state = quant_state
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype or quant_state.dtype
@@ -104,9 +138,17 @@ class _Stored4bit(nn.Module):
     quant_type = property(lambda self: self.quant_state.quant_type)
     blocksize = property(lambda self: self.quant_state.blocksize)
     double_quant = property(lambda self: self.quant_state.nested)
+    quant_storage = property(lambda self: self.weight.dtype)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) moves the quant state with the buffers
-        super()._apply(fn, *args, **kwargs)
+    def packed_codes(self) -> torch.Tensor:
+        "The codes as uint8 `(out*in/2, 1)` whatever `quant_storage` holds them in: what every reader of the weight takes."
+        return codes_as_bytes(self.weight)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) moves the quant state with the codes
+        codes = self.weight
+        def as_bytes(t):  # float-held codes travel as their bytes: a device move moves them, a dtype cast can't touch them
+            return fn(t) if t is not codes else fn(codes_as_bytes(t)).reshape(-1).view(t.dtype).view(t.shape)
+        super()._apply(fn if codes.dtype == torch.uint8 else as_bytes, *args, **kwargs)
         self._kernel_cache = {}
         if self.quant_state.absmax.device != self.weight.device: self.quant_state = self.quant_state.to(self.weight.device)
         return self
@@ -114,24 +156,26 @@ class _Stored4bit(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + (f", quant_storage={str(self.quant_storage).removeprefix('torch.')}" if self.quant_storage != torch.uint8 else ""))
 
 # %% ../nbs/01b_quant_linear.ipynb #55ff3bfb
 class _Linear4bitStateDict(_Stored4bit):
     "A 4-bit layer whose state dict has bitsandbytes' `Linear4bit` keys."
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight and bias
-        for key, value in quant_state_dict(self.weight, self.quant_state, "weight").items():
+        for key, value in quant_state_dict(self.packed_codes(), self.quant_state, "weight").items():
             if key != "weight": destination[prefix + key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if "weight" not in own: missing_keys.append(prefix + "weight"); return
+        own["weight"] = codes_as_bytes(own["weight"].contiguous())  # saved in any quant_storage: its bytes
         try: packed, state = load_quant_state_dict({k: v for k, v in own.items() if k.startswith("weight")}, "weight", self.weight.device)
         except ValueError as e: error_msgs.append(f"{prefix}weight: {e}"); return
         if tuple(state.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"{prefix}weight: stored shape {tuple(state.shape)} != layer shape {(self.out_features, self.in_features)}"); return
-        self.weight, self.quant_state, self._kernel_cache = packed, state, {}
+        self.weight, self.quant_state, self._kernel_cache = codes_in_storage(packed, self.quant_storage), state, {}
         if self.bias is not None and "bias" in own:
             with torch.no_grad(): self.bias.copy_(own["bias"])
         elif self.bias is not None: missing_keys.append(prefix + "bias")
@@ -146,19 +190,21 @@ class NF4Linear(_Linear4bitStateDict):
                     blocksize:int=64,  # values per absmax
                     double_quant:bool=True,  # quantize the absmax too
                     compute_dtype:torch.dtype|None=None,  # dtype of the matmul; None: the weight's dtype
+                    quant_storage:torch.dtype|str=torch.uint8,  # dtype the codes are held in; a float (the model's) lets FSDP shard them
                     ) -> NF4Linear:
         "Quantize `linear`'s (out, in) weight into a new `NF4Linear` (the bias is copied and frozen)."
         if not isinstance(linear, (nn.Linear, Conv1D)): raise ValueError(f"linear must be an nn.Linear or a Conv1D, got {type(linear).__name__}")
+        quant_storage = check_quant_storage(quant_storage, (linear.weight.numel() + 1) // 2)
         weight = linear_weight(linear).detach().contiguous()  # (out, in): a Conv1D's is transposed first, as bitsandbytes does
         packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant, fast=_fast(weight, weight.numel()))
-        return cls(packed, state, linear.bias, compute_dtype, fan_in_fan_out=isinstance(linear, Conv1D))
+        return cls(packed, state, linear.bias, compute_dtype, fan_in_fan_out=isinstance(linear, Conv1D), quant_storage=quant_storage)
 
     def dequantize(self, scratch:bool=False, # write into the shared `scratch_buffer` (valid until the next matmul) instead of a new tensor
                    ) -> torch.Tensor:
         "The weight `(out_features, in_features)` in `compute_dtype`."
-        numel, device = self.out_features * self.in_features, self.weight.device
-        out = scratch_buffer(numel, self.compute_dtype, device) if scratch and device.type != "cuda" else None  # CUDA: bnb's own output
-        return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype, out=out, fast=_fast(self.weight, numel))
+        codes, numel = self.packed_codes(), self.out_features * self.in_features
+        out = scratch_buffer(numel, self.compute_dtype, codes.device) if scratch and codes.device.type != "cuda" else None  # CUDA: bnb's own output
+        return dequantize_4bit(codes, self.quant_state, self.compute_dtype, out=out, fast=_fast(codes, numel))
 
     def _uses_cpu_kernel(self, x) -> bool:
         "`cpu_kernels` on in this thread, autograd off, on a CPU where bitsandbytes has the fused kernel, a shape it takes."
@@ -170,7 +216,7 @@ class NF4Linear(_Linear4bitStateDict):
         "The codes in `cpu_kernel_layout` and the absmax in bf16 `(in/blocksize, out)`: built on first use, then kept."
         if "bnb" not in self._kernel_cache:
             absmax = block_absmax(self.quant_state).view(self.out_features, -1).T.to(torch.bfloat16).contiguous()
-            self._kernel_cache["bnb"] = cpu_kernel_layout(self.weight, self.out_features, self.in_features), absmax
+            self._kernel_cache["bnb"] = cpu_kernel_layout(self.packed_codes(), self.out_features, self.in_features), absmax
         return self._kernel_cache["bnb"]
 
     def _uses_fused_kernel(self, x) -> bool:
@@ -185,7 +231,7 @@ class NF4Linear(_Linear4bitStateDict):
             out = cpu_kernel_matmul(x, *self.kernel_weights(), self.quant_type, self.blocksize).to(self.compute_dtype)
         elif self._uses_fused_kernel(x):
             if "fused" not in self._kernel_cache: self._kernel_cache["fused"] = fused_weights(self.quant_state)  # fp32 absmax, codes
-            out = fused_matmul_4bit(x, self.weight, self.quant_state, *self._kernel_cache["fused"])  # (..., out_features)
+            out = fused_matmul_4bit(x, self.packed_codes(), self.quant_state, *self._kernel_cache["fused"])  # (..., out_features)
         else: out = DequantizeMatmul.apply(x.to(self.compute_dtype), self)  # (..., out_features)
         if self.bias is not None: out = out + self.bias.to(self.compute_dtype)
         return out.to(x.dtype)
@@ -212,14 +258,18 @@ def quantize_model(model:nn.Module,  # any model; HF causal LMs are the target
                    skip=("lm_head",),  # module names (or name components) to leave in full precision
                    compute_dtype:torch.dtype|None=None,  # dtype of the 4-bit matmuls; None: each weight's dtype
                    decode_kernel:bool=True,  # skipped `nn.Linear`s become `DecodeLinear` (same parameters) for fast decoding
+                   quant_storage:torch.dtype|str=torch.uint8,  # dtype the packed codes are held in; the model's float dtype lets FSDP shard them
                    ) -> nn.Module:
     "Replace the `nn.Linear` (and `Conv1D`) layers of `model` in place with `NF4Linear`, and let go of the checkpoint file; returns `model`."
     check_in(quant_type, ("nf4", "fp4"), "quant_type"); check_in(blocksize, BLOCKSIZES, "blocksize")
+    quant_storage = check_quant_storage(quant_storage)
     if isinstance(skip, str): skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, (nn.Linear, Conv1D)) and not _skipped(name, skip)]
+    for name, linear in targets: check_quant_storage(quant_storage, (linear.weight.numel() + 1) // 2)  # every layer, before the first changes
     for name, linear in targets:
-        model.set_submodule(name, NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype).train(linear.training))
+        layer = NF4Linear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype, quant_storage)
+        model.set_submodule(name, layer.train(linear.training))
         linear.weight = None  # free the full-precision copy now, not at the end
     if decode_kernel:
         for name, linear in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _skipped(n, skip)]:
@@ -236,8 +286,8 @@ def memory_report(model:nn.Module) -> dict:
         if isinstance(module, NF4Linear):
             kernel_bytes += sum(t.numel() * t.element_size() for kept in module._kernel_cache.values() for t in kept)
             quantized_params += module.in_features * module.out_features
-            quantized_bytes += quantized_nbytes(module.weight, module.quant_state, include_constants=True)
-            payload_bytes += quantized_nbytes(module.weight, module.quant_state)
+            quantized_bytes += quantized_nbytes(module.packed_codes(), module.quant_state, include_constants=True)
+            payload_bytes += quantized_nbytes(module.packed_codes(), module.quant_state)
             seen.add(id(module.weight))
     for tensor in model.parameters():  # tied parameters come once; derived buffers (rotary tables) are not weights
         if id(tensor) in seen: continue
