@@ -15,10 +15,11 @@ from plotly.subplots import make_subplots
 from .core import check_in, check_range, data_dir, human_bytes
 from .quant import BLOCKSIZES, codebook
 from .quant_analysis import QUANT_TYPES, quantization_error, roundtrip
-from .models import load_base
+from .models import BUILTIN, load_base
 from .runlog import read_run_log
 from .metrics import perplexity
 from .memory import MemoryEstimate, estimate_memory
+from .plan import plan_memory
 from .settings import load_config_file, resolve_config
 from .recipe import build_model, resolve_device
 from .dashboard import RunForm, check_run_config, default_run_config
@@ -26,7 +27,7 @@ from .dashboard import RunForm, check_run_config, default_run_config
 # %% auto #0
 __all__ = ['SOURCES', 'ESTIMATOR_FIELDS', 'random_weights', 'load_base_cpu', 'linear_weights', 'analyze', 'comparison_table',
            'quantized_perplexity', 'WeightPicker', 'ShowsWidget', 'QuantExplorer', 'measured_memory', 'run_config',
-           'estimate_run_memory', 'MemoryEstimator']
+           'estimate_run_memory', 'MemoryEstimator', 'PlanWidget']
 
 # %% ../nbs/08_explore.ipynb #4a9bc283
 SOURCES = ("model layer", "random normal", "random heavy-tailed")
@@ -397,3 +398,41 @@ class MemoryEstimator(ShowsWidget):
         "The whole estimator."
         return widgets.VBox([widgets.HTML("<h3 style='margin:4px 0'>qlora_nb memory estimator</h3>"), self.form.widget,
                              widgets.HBox([self.button, self.run_path, self.compare_button]), self.summary, self.fig, self.table])
+
+# %% ../nbs/08_explore.ipynb #49cf362d
+class PlanWidget(ShowsWidget):
+    "The distributed plan's settings as controls, above its tables (peak per device, host RAM, fits), redrawn on every change."
+    def __init__(self, model:str="smollm2-135m",  # a built-in, a folder holding config.json or a config.json file
+                 devices:int=2, device_gib:float=24, rank:int=8, batch_size:int=1, seq_len:int=2048,
+                 **settings):  # more `plan_memory` arguments, held fixed (dtype, lora_dropout, loss_chunk_size, ...)
+        self.settings, self.plan, self.updates = settings, None, 0
+        self.model = widgets.Combobox(value=str(model), options=list(BUILTIN), description="model", continuous_update=False)
+        self.method = widgets.ToggleButtons(options=["qlora", "lora"], value="qlora", description="method")
+        self.rank = widgets.Dropdown(options=sorted({4, 8, 16, 32, 64, 128, rank}), value=rank, description="rank")
+        self.batch_size = widgets.IntSlider(value=batch_size, min=1, max=max(64, batch_size), description="batch")
+        self.seq_len = widgets.Dropdown(options=sorted({2**k for k in range(7, 17)} | {seq_len}), value=seq_len, description="seq_len")
+        self.devices = widgets.IntSlider(value=devices, min=1, max=max(16, devices), description="devices")
+        self.device_gib = widgets.Dropdown(options=sorted({8, 12, 16, 24, 32, 40, 48, 80, 96, 141, device_gib}), value=device_gib, description="GiB")
+        self.checkpointing = widgets.Checkbox(value=True, description="gradient checkpointing", indent=False)
+        self.output = widgets.HTML()
+        for control in (self.model, self.method, self.rank, self.batch_size, self.seq_len, self.devices, self.device_gib, self.checkpointing):
+            control.observe(lambda _: self.update(), names="value")
+        self.update()
+
+    def update(self):
+        "Plan with the current values and redraw; a bad value shows its error instead of the tables."
+        try:
+            self.plan = plan_memory(self.model.value.strip(), method=self.method.value, rank=self.rank.value, batch_size=self.batch_size.value,
+                                    seq_len=self.seq_len.value, devices=self.devices.value, device_gib=self.device_gib.value,
+                                    gradient_checkpointing=self.checkpointing.value, **self.settings)
+            self.output.value = f"<pre style='line-height:1.3'>{html.escape(repr(self.plan))}</pre>"
+        except (ValueError, FileNotFoundError) as e:
+            self.plan, self.output.value = None, f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
+        self.updates += 1
+
+    @property
+    def widget(self) -> widgets.Widget:
+        "The whole planner."
+        return widgets.VBox([widgets.HTML("<h3 style='margin:4px 0'>qlora_nb distributed memory plan</h3>"),
+                             widgets.HBox([self.model, self.method]), widgets.HBox([self.rank, self.batch_size, self.seq_len]),
+                             widgets.HBox([self.devices, self.device_gib, self.checkpointing]), self.output])
