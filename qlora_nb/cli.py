@@ -4,7 +4,7 @@
 
 # %% ../nbs/06d_cli.ipynb #1da8a7ab
 from __future__ import annotations
-import argparse, contextlib, importlib, json, logging, sys, warnings
+import argparse, contextlib, importlib, json, logging, os, sys, warnings
 
 import datasets
 
@@ -14,11 +14,12 @@ from .lora import trainable_report
 from .metrics import read_blocklist
 from .settings import SETTINGS, load_config_file, resolve_config
 from .recipe import build, data_sources, evaluate_run, fit_and_evaluate
+from .distributed import launch, launched_world
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'TRAIN_EXAMPLES', 'METHOD_NAMES', 'flag_of', 'make_parser', 'config_from_args', 'data_lines',
-           'dtype_words', 'model_line', 'evaluation_lines', 'summary_lines', 'output_lines', 'train', 'quiet_libraries',
-           'main', 'eval_main']
+__all__ = ['SUBCOMMANDS', 'TRAIN_EXAMPLES', 'LAUNCH_FLAGS', 'METHOD_NAMES', 'flag_of', 'make_parser', 'add_launch_flags',
+           'launch_request', 'worker_argv', 'config_from_args', 'data_lines', 'dtype_words', 'model_line',
+           'evaluation_lines', 'summary_lines', 'output_lines', 'train', 'quiet_libraries', 'main', 'eval_main']
 
 # %% ../nbs/06d_cli.ipynb #fc6638b6
 def flag_of(key:str) -> str: return "--" + key.replace("_", "-")
@@ -29,6 +30,7 @@ SUBCOMMANDS = {  # name -> (the module whose `<name>_main(argv)` parses and runs
     "sweep": ("qlora_nb.sweep", "run a notebook once per parameter set from a YAML file"),
     "export": ("qlora_nb.export", "export a run: merged model, NF4 checkpoint, adapter or GGUF"),
     "serve": ("qlora_nb.serve.app", "serve runs' adapters over an OpenAI-compatible HTTP API"),
+    "plan": ("qlora_nb.plan", "will a run fit? peak memory per device with DDP, FSDP and FSDP + CPU offload, from config.json alone"),
 }
 
 TRAIN_EXAMPLES = """examples:
@@ -55,8 +57,44 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     train.add_argument("--list-settings", action="store_true", help="print every setting with its default and range")
+    add_launch_flags(train)
     for name, (_, help_text) in SUBCOMMANDS.items(): commands.add_parser(name, help=help_text, add_help=False)
     return parser
+
+# %% ../nbs/06d_cli.ipynb #097fc97a
+LAUNCH_FLAGS = {  # flag -> (type, help); none of them is a setting of the run
+    "--nproc": (int, "train in this many processes on this machine, through torchrun's launcher"),
+    "--nnodes": (str, "machines taking part, or MIN:MAX for an elastic run (default 1)"),
+    "--node-rank": (int, "this machine's place among them, 0 to nnodes-1 (with --master-addr)"),
+    "--master-addr": (str, "the address of machine 0, for a run over several machines"),
+    "--master-port": (int, "the port of machine 0's rendezvous"),
+    "--rdzv-backend": (str, "torchrun's rendezvous backend, e.g. c10d (instead of --master-addr)"),
+    "--rdzv-endpoint": (str, "HOST:PORT of the rendezvous"),
+    "--rdzv-id": (str, "a name shared by every machine of one run"),
+    "--max-restarts": (int, "restart every process up to this many times after a failure, resuming from the last checkpoint"),
+}
+
+def add_launch_flags(parser:argparse.ArgumentParser):
+    "The launcher's flags, in their own group of `parser`."
+    group = parser.add_argument_group("several processes (torchrun)")
+    for flag, (kind, help_text) in LAUNCH_FLAGS.items(): group.add_argument(flag, type=kind, default=None, help=help_text)
+
+def launch_request(args:argparse.Namespace) -> dict|None:
+    "`distributed.launch`'s keyword arguments when the flags ask for several processes and none started this one; else None."
+    asked = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in LAUNCH_FLAGS}
+    asked = {key: value for key, value in asked.items() if value is not None}
+    if not asked or launched_world().active or "TORCHELASTIC_RUN_ID" in os.environ: return None
+    return {"nproc": 1, **asked}
+
+def worker_argv(argv:list[str]) -> list[str]:
+    "`argv` without the launcher's flags and their values: what each process runs."
+    kept, skip = [], False
+    for arg in argv:
+        if skip: skip = False; continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCH_FLAGS: skip = "=" not in arg; continue
+        kept.append(arg)
+    return kept
 
 # %% ../nbs/06d_cli.ipynb #eddea17e
 def _parse_set(item:str) -> tuple[str, object]:
@@ -158,6 +196,7 @@ def train(config:dict, resume:bool=False, overwrite:bool=False, print_fn=print) 
     "Run the whole job for `config` and print what happens; return the run's summary."
     datasets.disable_progress_bars()  # tokenizing is quick; the job shows training's and the evaluations' bars
     run = build(config, resume=resume, overwrite=overwrite)
+    if not run.parallel.is_main: print_fn = lambda line: None  # rank 0 speaks for the run
     for line in data_lines(run) + [model_line(run)]: print_fn(line)
     if run.trainer.resumed_from is not None: print_fn(f"resuming from {run.trainer.resumed_from} (step {run.trainer.step} of {run.trainer.max_steps})")
     summary = fit_and_evaluate(run, say=print_fn)  # it says each evaluation as it ends
@@ -196,7 +235,10 @@ def main(argv:list[str]|None=None) -> int:
             if args.list_settings:
                 for key, setting in SETTINGS.items(): print(f"{key:<24} {setting.default!r:<16} {setting.describe():<40} {setting.help}")
                 return 0
-            train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+            config = config_from_args(args)  # checked before any process starts
+            request = launch_request(args)
+            if request is not None: return launch(worker_argv(argv), **request)
+            train(config, resume=args.resume, overwrite=args.overwrite)
         except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError is a ValueError
             print(f"qlora-nb train: error: {e}", file=sys.stderr)
             return 2

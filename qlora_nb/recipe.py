@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_recipe.ipynb #4dbe7097
 from __future__ import annotations
-import json, shutil, subprocess, sys, time
+import json, shutil, subprocess, sys, time, warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,16 +23,18 @@ from .packing import make_packed_collator, pack_rows
 from .runlog import RunLog, write_report
 from .callback.report import check_reporters, make_sinks
 from .callback.threads import ThreadGovernor, compute_threads
+from .distributed import Parallel, RankMonitor, full_parameters, restart_count, start_process_group, unsharded_root
 from .trainer import Checkpointer, EvalEvery, Trainer, fingerprint_diff, latest_checkpoint
 from .callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
 from .metrics import evaluate_rows, perplexity
 from .settings import SETTINGS, load_config_file, resolve_config
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'FINGERPRINT_KEYS', 'fingerprint', 'check_resumable', 'check_run_dir', 'clear_run_dir', 'data_sources',
-           'spread_over_tasks', 'build_rows', 'resolve_device', 'lora_config', 'build_model', 'general_text_path',
-           'evaluate_model', 'build_trainer', 'git_commit', 'run_environment', 'Run', 'evaluation_plan',
-           'evaluation_line', 'fit_and_evaluate', 'run_summary', 'check_inputs', 'build', 'evaluate_run']
+__all__ = ['RUN_FILES', 'FINGERPRINT_KEYS', 'fingerprint', 'check_resumable', 'check_run_dir', 'clear_run_dir',
+           'keep_global_batch', 'elastic_resume', 'data_sources', 'spread_over_tasks', 'build_rows', 'resolve_device',
+           'lora_config', 'quant_storage', 'build_model', 'general_text_path', 'evaluate_model', 'build_trainer',
+           'git_commit', 'run_environment', 'Run', 'evaluation_plan', 'evaluation_line', 'fit_and_evaluate',
+           'run_summary', 'check_inputs', 'build', 'evaluate_run']
 
 # %% ../nbs/06c_recipe.ipynb #fb80f342
 RUN_FILES = ("config.json", "environment.json", "data_report.json", "run.jsonl", "checkpoints", "adapter", "report.html",
@@ -40,31 +42,34 @@ RUN_FILES = ("config.json", "environment.json", "data_report.json", "run.jsonl",
 FINGERPRINT_KEYS = ("model", "data", "val", "val_fraction", "fields", "skip_bad_rows", "clean_data", "drop_long", "augmentation", "augment_p",
                     "task_weights", "packing", "method", "quant", "blocksize", "double_quant", "lora_r", "lora_alpha",
                     "lora_dropout", "target_modules", "max_length", "batch_size", "grad_accum", "max_steps", "lr",
-                    "weight_decay", "optimizer", "schedule", "warmup_steps", "min_lr_ratio", "max_norm", "seed", "dtype")
+                    "weight_decay", "optimizer", "schedule", "warmup_steps", "min_lr_ratio", "max_norm", "seed", "dtype", "shard")
 
-def fingerprint(config:dict) -> dict:
-    "The settings that determine the training trajectory; a resumed run must match them."
+def fingerprint(config:dict, world_size:int=1) -> dict:
+    "The settings that determine the training trajectory; a resumed run must match them. `grad_accum` counts every process's micro-batches."
     values = {key: config[key] for key in FINGERPRINT_KEYS}
+    values["grad_accum"] *= world_size
     for key in ("model", "data", "val"):  # a path means the same thing from any working directory
         if Path(values[key]).exists(): values[key] = str(Path(values[key]).resolve())
     return values
 
-def check_resumable(checkpoint:Path, config:dict):
+def check_resumable(checkpoint:Path, config:dict, world_size:int=1):
     "ValueError listing the differences when `checkpoint` was made by another model or other settings."
     saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("fingerprint", {})
     saved = {key: saved.get(key, SETTINGS[key].default) for key in FINGERPRINT_KEYS}  # keys newer than the checkpoint: their defaults
-    diff = fingerprint_diff(saved, fingerprint(config))
+    diff = fingerprint_diff(saved, fingerprint(config, world_size))
     if diff: raise ValueError(f"cannot resume {checkpoint}: it was made by a different model or config:\n  " + "\n  ".join(diff))
 
 # %% ../nbs/06c_recipe.ipynb #95d7a80e
-def check_run_dir(config:dict, resume:bool=False, overwrite:bool=False) -> Path|None:
+def check_run_dir(config:dict, resume:bool=False, overwrite:bool=False,
+                  world_size:int=1,  # processes the run trains in
+                 ) -> Path|None:
     "Check the run directory for `config`, changing nothing; return the checkpoint to resume from, if any."
     out = Path(config["out"])
     if resume and overwrite: raise ValueError("resume and overwrite contradict each other: pass one")
     if resume:
         checkpoint = latest_checkpoint(out / "checkpoints")
         if checkpoint is None: raise FileNotFoundError(f"resume: {out / 'checkpoints'} holds no complete checkpoint to resume from")
-        check_resumable(checkpoint, config)
+        check_resumable(checkpoint, config, world_size)
         return checkpoint
     existing = [name for name in RUN_FILES if (out / name).exists()]
     trained = latest_checkpoint(out / "checkpoints") is not None or (out / "adapter").exists()
@@ -79,6 +84,28 @@ def clear_run_dir(out:Path):
         if path.is_dir(): shutil.rmtree(path)
         elif path.exists(): path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+# %% ../nbs/06c_recipe.ipynb #fef511da
+def keep_global_batch(config:dict, checkpoint:Path|None, world_size:int) -> dict:
+    "`config` with the `grad_accum` per process that keeps `checkpoint`'s micro-batches per update on `world_size` processes."
+    if checkpoint is None: return config
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved_world = state.get("world_size", 1)
+    if saved_world == world_size: return config
+    global_accum = state.get("fingerprint", {}).get("grad_accum", config["grad_accum"] * saved_world)
+    per_process, left_over = divmod(global_accum, world_size)
+    if left_over or not per_process:
+        raise ValueError(f"cannot resume {checkpoint} on {world_size} processes: its {global_accum} micro-batches per update "
+                         f"(made on {saved_world}) do not split evenly over them")
+    warnings.warn(f"resuming a {saved_world}-process run on {world_size}: grad_accum {config['grad_accum']} -> {per_process} "
+                  f"per process keeps its {global_accum} micro-batches per update")
+    return {**config, "grad_accum": per_process}
+
+def elastic_resume(config:dict, resume:bool, overwrite:bool) -> tuple[bool, bool]:
+    "(resume, overwrite) for this try: after torchrun restarted the processes, go on from the last checkpoint when there is one."
+    if restart_count() == 0: return resume, overwrite
+    has_checkpoint = latest_checkpoint(Path(config["out"]) / "checkpoints") is not None
+    return has_checkpoint, overwrite and not has_checkpoint
 
 # %% ../nbs/06c_recipe.ipynb #adefac04
 def data_sources(config:dict) -> dict:
@@ -127,6 +154,11 @@ def lora_config(config:dict) -> LoRAConfig:
                       target_modules=config["target_modules"], **method_setup(config["method"])[1])
 
 # %% ../nbs/06c_recipe.ipynb #e5f63527
+def quant_storage(config:dict, dtype:torch.dtype) -> torch.dtype|str:
+    "The dtype the 4-bit codes are held in: as asked, else uint8, or under FSDP the compute dtype, so that FSDP shards them with the rest."
+    if config["quant_storage"] != "auto": return config["quant_storage"]
+    return dtype if config["shard"] == "fsdp" else torch.uint8
+
 def build_model(config:dict,  # from `resolve_config`
                 device:torch.device|None=None, dtype:torch.dtype|None=None,  # `resolve_device(config)` when None
                ):
@@ -136,7 +168,7 @@ def build_model(config:dict,  # from `resolve_config`
     set_up_training_kernels(model, config["attention"], config["recompute"])
     if config["quant"] != "none":
         quantize_model(model, quant_type=config["quant"], blocksize=config["blocksize"], double_quant=config["double_quant"],
-                       skip=("lm_head",), decode_kernel=config["decode_kernel"])
+                       skip=("lm_head",), decode_kernel=config["decode_kernel"], quant_storage=quant_storage(config, dtype))
     add_method(model, method_setup(config["method"])[0], lora_config(config), seed=config["seed"])
     return model.to(device), tokenizer
 
@@ -165,24 +197,27 @@ def evaluate_model(model, tokenizer, config:dict, rows:list[dict],
 def build_trainer(config:dict, model, tokenizer, rows:dict, device:torch.device, dtype:torch.dtype,
                   callbacks:list=(),  # added after the monitors, run log, checkpointer and evaluation
                   warn:bool=True,  # StabilityMonitor also warns through `warnings` (a dashboard shows its alerts instead)
+                  parallel:Parallel=Parallel(),  # this process's place in a multi-process run
                  ) -> Trainer:
-    "The `Trainer` of a run: its rows, monitors, run log, checkpoints and `callbacks`."
+    "The `Trainer` of a run: its rows, monitors, run log, checkpoints and `callbacks`; the run log and progress bar on rank 0 only."
     out, method = Path(config["out"]), config["method"]
     monitors = [ThreadGovernor(config["threads"]), ThroughputMonitor(), GradientMonitor(log_modules=True),
-                StabilityMonitor(action=config["stability_action"], warn=warn)]
-    meta = {"config": config, "max_norm": config["max_norm"], "resolved": {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}}
+                StabilityMonitor(action=config["stability_action"], warn=warn)] + ([RankMonitor()] if parallel.active else [])
+    meta = {"config": config, "max_norm": config["max_norm"], "resolved": {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                                                                        "processes": parallel.world_size}}
     sinks = make_sinks(config["report_to"], out, out.name)
-    logs = [RunLog(out / "run.jsonl", meta=meta, sinks=sinks), Checkpointer(out / "checkpoints", config["save_steps"], config["keep_last"])]
+    logs = [RunLog(out / "run.jsonl", meta=meta, sinks=sinks)] if parallel.is_main else []
+    logs.append(Checkpointer(out / "checkpoints", config["save_steps"], config["keep_last"]))  # every rank joins in; rank 0 writes
     if config["eval_steps"]: logs.append(EvalEvery(config["eval_steps"]))
-    views = [ProgressBar()] if config["progress"] else []
+    views = [ProgressBar()] if config["progress"] and parallel.is_main else []
     collate = make_packed_collator(tokenizer) if config["packing"] else make_collator(tokenizer)
     return Trainer(model, rows["train"], collate, eval_data=rows["val"], callbacks=[*monitors, *logs, *views, *callbacks],
                    batch_size=config["batch_size"], grad_accum=config["grad_accum"], max_steps=config["max_steps"],
                    lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"], schedule=config["schedule"],
                    warmup_steps=config["warmup_steps"], min_lr_ratio=config["min_lr_ratio"], max_norm=config["max_norm"],
                    seed=config["seed"], device=device, dtype=dtype, gradient_checkpointing=config["gradient_checkpointing"],
-                   loss_chunk_size=config["loss_chunk_size"], run_dir=out, fingerprint=fingerprint(config),
-                   save_adapter=lambda model, folder: save_trainable(model, folder, method, overwrite=True))
+                   loss_chunk_size=config["loss_chunk_size"], run_dir=out, fingerprint=fingerprint(config, parallel.world_size),
+                   save_adapter=lambda model, folder: save_trainable(model, folder, method, overwrite=True), parallel=parallel)
 
 # %% ../nbs/06c_recipe.ipynb #86e11b88
 def _package_version(name:str) -> str|None:
@@ -216,13 +251,17 @@ class Run:
                  data_report:DataReport|None=None):  # what `build_rows` found in the data
         self.config, self.model, self.tokenizer, self.rows, self.trainer = config, model, tokenizer, rows, trainer
         self.device, self.dtype, self.run_dir, self.data_report = device, dtype, Path(config["out"]), data_report
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", config)
-        write_json_atomic(self.run_dir / "environment.json", run_environment(config, device, dtype, model))
-        if data_report is not None: write_json_atomic(self.run_dir / "data_report.json", data_report.to_dict())
-        self.run_log = self.callback(RunLog)
+        self.parallel = trainer.parallel
+        if self.parallel.is_main: self._write_run_files()
+        self.run_log = self.callback(RunLog) if self.parallel.is_main else None  # the other ranks write nothing
         self.before = self.after = None
         self.train_seconds = 0.0
+
+    def _write_run_files(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", self.config)
+        write_json_atomic(self.run_dir / "environment.json", run_environment(self.config, self.device, self.dtype, self.model))
+        if self.data_report is not None: write_json_atomic(self.run_dir / "data_report.json", self.data_report.to_dict())
 
     def callback(self, kind:type):
         "The trainer's callback of type `kind`."
@@ -236,13 +275,14 @@ class Run:
         "Continue from `checkpoint` (the latest complete one when None), which must come from the same settings."
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.run_dir / "checkpoints")
         if checkpoint is None: raise FileNotFoundError(f"resume: {self.run_dir / 'checkpoints'} holds no complete checkpoint")
-        check_resumable(checkpoint, self.config)
+        check_resumable(checkpoint, self.config, self.parallel.world_size)
         self.trainer.load_checkpoint(checkpoint)
         return self
 
     def evaluate(self, rows:list[dict]|None=None) -> dict:
-        "The test rows (the run's when None) scored by their tasks' metrics, and perplexity, as the config asks."
-        with compute_threads(self.config["threads"]), self.kernels(): return evaluate_model(self.model, self.tokenizer, self.config, self.rows["test"] if rows is None else rows)
+        "The test rows (the run's when None) scored by their tasks' metrics, and perplexity; rank 0's work, and every rank's under FSDP."
+        if not (self.parallel.is_main or self.parallel.shard == "fsdp"): return {}  # the others go on to train, and wait there
+        with compute_threads(self.config["threads"]), self.kernels(), unsharded_root(self.trainer.loss_module): return evaluate_model(self.model, self.tokenizer, self.config, self.rows["test"] if rows is None else rows)
 
     def fit(self) -> Run:
         "Train up to max_steps; after a stop, go back to the last good checkpoint; then save."
@@ -250,7 +290,7 @@ class Run:
         try:
             with self.kernels(): self.trainer.fit()
         finally:  # a fit that raised leaves neither the run log nor a tracker open
-            if self.run_log.file is not None: self.run_log.close_file(); self.run_log.close_sinks()
+            if self.run_log is not None and self.run_log.file is not None: self.run_log.close_file(); self.run_log.close_sinks()
         self.train_seconds += time.perf_counter() - start
         last_good = latest_checkpoint(self.run_dir / "checkpoints") if self.trainer.stop_reason is not None else None
         if last_good is not None: self.trainer.load_checkpoint(last_good)
@@ -258,9 +298,12 @@ class Run:
         return self
 
     def save(self) -> Path:
-        "Write what trained (a PEFT adapter for the LoRA methods) and the report; return its folder."
-        adapter = save_trainable(self.model, self.run_dir / "adapter", self.config["method"], overwrite=True)
-        write_report(self.run_dir)
+        "Write what trained (a PEFT adapter for the LoRA methods) and the report; return its folder. Rank 0 writes; every rank calls it."
+        adapter = self.run_dir / "adapter"
+        with full_parameters(self.trainer.loss_module):  # a sharded model's weights, whole
+            if self.parallel.is_main:
+                save_trainable(self.model, adapter, self.config["method"], overwrite=True)
+                write_report(self.run_dir)
         return adapter
 
 # %% ../nbs/06c_recipe.ipynb #82e45e10
@@ -279,7 +322,7 @@ def _evaluation_before(run:Run, say:Callable) -> dict:
     if path.is_file() and run.trainer.resumed_from is not None: return json.loads(path.read_text())
     if evaluation_plan(run): say(f"evaluating before training: {evaluation_plan(run)} ...")
     before = run.evaluate()
-    write_json_atomic(path, before)
+    if run.parallel.is_main: write_json_atomic(path, before)
     return before
 
 def evaluation_line(label:str, result:dict) -> str|None:
@@ -291,14 +334,17 @@ def evaluation_line(label:str, result:dict) -> str|None:
     return f"{label}: " + ", ".join(parts) + f" ({result['seconds']:.0f} s)" if parts else None
 
 def fit_and_evaluate(run:Run, say:Callable=lambda line: None) -> dict:
-    "Evaluate before, fit, evaluate after; log the evaluation and write the report; return `run_summary(run)`."
+    "Evaluate before, fit, evaluate after; log the evaluation and write the report; return `run_summary(run)`. Rank 0 speaks and writes."
+    main = run.parallel.is_main
+    if not main: say = lambda line: None
     run.before = _evaluation_before(run, say)
     if evaluation_line("before", run.before): say(evaluation_line("before", run.before))
-    run.run_log.meta["eval_before"] = run.before
+    if main: run.run_log.meta["eval_before"] = run.before
     run.fit()
     if evaluation_plan(run): say("evaluating after training ...")
     run.after = run.evaluate()
     if evaluation_line("after", run.after): say(evaluation_line("after", run.after))
+    if not main: return run_summary(run)
     run.run_log.append({"type": "event", "event": "evaluation", "step": run.trainer.step, "before": run.before, "after": run.after, "time": time.time()})
     write_report(run.run_dir)
     run.run_log.add_artifacts([run.run_dir / "report.html", run.run_dir / "adapter"])  # for the trackers that keep files
@@ -335,12 +381,15 @@ def build(config:dict,  # settings; the defaults fill in the rest (see `settings
     "Check `config` and its data, then make the run: rows, model, trainer and run directory, resumed if asked."
     config = resolve_config(overrides=config)
     check_inputs(config)
-    checkpoint = check_run_dir(config, resume, overwrite)
     device, dtype = resolve_device(config)
+    parallel, device = start_process_group(device, config["shard"])  # a world of one unless a launcher started several
+    resume, overwrite = elastic_resume(config, resume, overwrite)
+    if resume: config = keep_global_batch(config, latest_checkpoint(Path(config["out"]) / "checkpoints"), parallel.world_size)
+    checkpoint = check_run_dir(config, resume, overwrite, parallel.world_size)
     rows, data_report = build_rows(config, load_tokenizer(config["model"]))
     model, tokenizer = build_model(config, device, dtype)
-    if checkpoint is None: clear_run_dir(Path(config["out"]))
-    trainer = build_trainer(config, model, tokenizer, rows, device, dtype, callbacks, warn)
+    if checkpoint is None and parallel.is_main: clear_run_dir(Path(config["out"]))
+    trainer = build_trainer(config, model, tokenizer, rows, device, dtype, callbacks, warn, parallel)
     run = Run(config, model, tokenizer, rows, trainer, device, dtype, data_report)
     return run.resume(checkpoint) if checkpoint is not None else run
 

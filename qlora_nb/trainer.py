@@ -17,13 +17,15 @@ from .core import atomic_dir, check_in, check_range, compute_dtype, default_devi
 from .loss import causal_lm_loss
 from .runlog import jsonable
 from .callback.core import Callback, run_event, sort_callbacks, with_events
+from .distributed import (Parallel, check_same_start, data_parallel, gather_to_main, gradient_sync, micro_batch_seed,
+                                  rank_share, sum_over_ranks, full_tensor, copy_full_into, optimizer_state, load_optimizer_state, full_parameters)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'OPTIMIZERS', 'CHECKPOINT_PATTERN', 'lr_factor', 'LRSchedule', 'make_optimizer', 'epoch_order',
-           'rng_state', 'set_rng_state', 'TrainerHooks', 'TrainingSteps', 'TrainingLoop', 'Evaluation', 'EvalEvery',
-           'checkpoint_name', 'fingerprint_diff', 'restore_trainable', 'Checkpoints', 'enable_gradient_checkpointing',
-           'check_trainer_settings', 'TrainingState', 'Trainer', 'list_checkpoints', 'latest_checkpoint',
-           'Checkpointer']
+           'rng_state', 'set_rng_state', 'TrainerHooks', 'LanguageModelLoss', 'TrainingSteps', 'TrainingLoop',
+           'Evaluation', 'EvalEvery', 'checkpoint_name', 'fingerprint_diff', 'restore_trainable', 'Checkpoints',
+           'enable_gradient_checkpointing', 'check_trainer_settings', 'TrainingState', 'Trainer', 'list_checkpoints',
+           'latest_checkpoint', 'Checkpointer']
 
 # %% ../nbs/05_trainer.ipynb #87449a88
 SCHEDULES = ("constant", "linear", "cosine")
@@ -124,13 +126,22 @@ class TrainerHooks:
         self.events.append({"event": name, "step": self.step, **fields})
 
 # %% ../nbs/05_trainer.ipynb #f052996c
+class LanguageModelLoss(torch.nn.Module):
+    "A causal LM with its next-token loss, as one module: DDP and FSDP see the whole forward, chunked loss included, in `forward`."
+    def __init__(self, model:torch.nn.Module, chunk_size:int|None):  # see `causal_lm_loss`
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None,  # (B, T) each
+                full_logits:bool=False):  # True: the model's own loss on full logits, as evaluation reports it
+        return causal_lm_loss(self.model, input_ids, labels, attention_mask, None if full_logits else self.chunk_size, position_ids=position_ids)
+
 class TrainingSteps(TrainerHooks):
     "One optimizer step: forward and backward over each micro-batch, then clip and update (a part of `Trainer`)."
     def training_loss(self) -> torch.Tensor:
         "The current batch's mean next-token loss, chunked over the vocabulary when `loss_chunk_size` is set."
-        batch = self.batch
-        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), self.loss_chunk_size,
-                              position_ids=batch.get("position_ids"))  # packed rows carry position_ids
+        batch = self.batch  # packed rows carry position_ids
+        return self.loss_module(batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("position_ids"))
 
     def _forward_backward(self):
         with self.autocast(): self.loss = self.training_loss()
@@ -149,15 +160,19 @@ class TrainingSteps(TrainerHooks):
     def _wrap_up_step(self):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.step_loss = float(torch.stack(self.micro_losses).mean()) if self.micro_losses else float("nan")
+        total, count = sum_over_ranks([sum(float(loss) for loss in self.micro_losses), len(self.micro_losses)], self.parallel, self.device)
+        self.step_loss = total / count if count else float("nan")  # the mean over every rank's micro-batches
         self.step += 1; self.step_in_epoch += 1
 
-    def train_step(self, micro_batches:list[list[int]]):  # row indices of each micro-batch
-        "One optimizer step over `micro_batches`."
+    def train_step(self, micro_batches:list[list[int]]):  # row indices of each micro-batch of the step, over all ranks
+        "One optimizer step over `micro_batches`: this rank runs its share, seeded by each micro-batch's place in the step."
         self.records, self.micro_losses, self.grad_norm, self.step_lr = {}, [], None, self.lr
-        for self.micro_step, rows in enumerate(micro_batches):
+        share = rank_share(micro_batches, self.parallel)
+        for self.micro_step, (index, rows) in enumerate(share):
+            torch.manual_seed(micro_batch_seed(self.seed, self.step, index))  # dropout masks follow the micro-batch, not the rank
             self.batch = self.to_device(self.collate_fn([self.train_data[i] for i in rows]))
-            with_events(self.callbacks, "batch", self, self._forward_backward)
+            with gradient_sync(self.loss_module, sync=self.micro_step == len(share) - 1):  # reduce once, after the last
+                with_events(self.callbacks, "batch", self, self._forward_backward)
         with_events(self.callbacks, "step", self, self._update, wrap_up=self._wrap_up_step)
 
 # %% ../nbs/05_trainer.ipynb #5142ffc3
@@ -171,7 +186,7 @@ class TrainingLoop(TrainingSteps):
     def _fit(self):
         while self.step < self.max_steps:
             if self.step_in_epoch >= self.steps_per_epoch: self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.epoch_steps = epoch_order(len(self.train_data), self.seed, self.epoch, self.batch_size, self.grad_accum, self.shuffle)
+            self.epoch_steps = epoch_order(len(self.train_data), self.seed, self.epoch, self.batch_size, self.global_accum, self.shuffle)
             with_events(self.callbacks, "epoch", self, self._run_epoch)
 
     def fit(self):
@@ -183,20 +198,25 @@ class TrainingLoop(TrainingSteps):
 # %% ../nbs/05_trainer.ipynb #bc95539b
 class Evaluation:
     "The eval loss and perplexity on `eval_data`, token-weighted (a part of `Trainer`)."
+    def _eval_starts(self) -> range:
+        "First rows of the eval batches this rank scores: every other rank's in turn, or all under FSDP, whose forwards every rank must join."
+        starts = range(0, len(self.eval_data), self.eval_batch_size)
+        return starts if self.parallel.shard == "fsdp" else starts[self.parallel.rank::self.parallel.world_size]
+
     @torch.no_grad()
     def _eval_body(self):
         total_loss, total_tokens = 0.0, 0
         self.model.eval()
         try:
-            for start in range(0, len(self.eval_data), self.eval_batch_size):
+            for start in self._eval_starts():
                 rows = [self.eval_data[i] for i in range(start, min(start + self.eval_batch_size, len(self.eval_data)))]
                 batch = self.to_device(self.collate_fn(rows))
                 with self.autocast():
-                    loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=None,
-                                          position_ids=batch.get("position_ids"))  # the model's own loss
+                    loss = self.loss_module(batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("position_ids"), full_logits=True)
                 n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
                 total_loss += float(loss) * n_tokens; total_tokens += n_tokens
         finally: self.model.train()
+        if self.parallel.shard != "fsdp": total_loss, total_tokens = sum_over_ranks([total_loss, total_tokens], self.parallel, self.device)
         self.eval_loss = total_loss / max(total_tokens, 1)
         self.eval_ppl = math.exp(min(self.eval_loss, 50))
         self.eval_step = self.step
@@ -238,25 +258,31 @@ def restore_trainable(trainable:dict[str, torch.nn.Parameter], path:Path):
     for name, param in trainable.items():
         if saved[name].shape != param.shape:
             raise ValueError(f"cannot resume from {path}: {name} has shape {tuple(saved[name].shape)}, the model has {tuple(param.shape)}")
-        param.copy_(saved[name])
+        copy_full_into(param, saved[name])
 
 # %% ../nbs/05_trainer.ipynb #3f9fca27
 class Checkpoints:
     "Save the whole training state to a folder, atomically, and restore it bit for bit (a part of `Trainer`)."
+    def _write_checkpoint(self, tmp:Path, trainable:dict, optimizer:dict, rng_states:list):
+        save_file(trainable, tmp / "trainable.safetensors")
+        if self.save_adapter is not None: self.save_adapter(self.model, tmp / "adapter")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        for rank, states in enumerate(rng_states): torch.save(states, tmp / (f"rng-rank{rank}.pt" if rank else "rng.pt"))
+        state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "max_steps": self.max_steps,
+                 "eval_loss": self.eval_loss if self.eval_step == self.step else None, "world_size": self.parallel.world_size,
+                 "best_eval_loss": self.best_eval_loss, "fingerprint": self.fingerprint,
+                 "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}}
+        (tmp / "trainer_state.json").write_text(json.dumps(jsonable(state), indent=1))
+
     def save_checkpoint(self, path:str|Path) -> Path:
-        "Write a complete, atomic checkpoint of this trainer to `path`."
+        "Write a complete, atomic checkpoint of this trainer to `path`; in a multi-process run every rank calls it and rank 0 writes."
         path = Path(path)
-        with atomic_dir(path, overwrite=True) as tmp:
-            save_file({n: p.detach().to("cpu").contiguous() for n, p in self.trainable.items()}, tmp / "trainable.safetensors")
-            if self.save_adapter is not None: self.save_adapter(self.model, tmp / "adapter")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_state(), tmp / "rng.pt")
-            state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "max_steps": self.max_steps,
-                     "eval_loss": self.eval_loss if self.eval_step == self.step else None,
-                     "best_eval_loss": self.best_eval_loss, "fingerprint": self.fingerprint,
-                     "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}}
-            (tmp / "trainer_state.json").write_text(json.dumps(jsonable(state), indent=1))
+        trainable = {n: full_tensor(p).detach().to("cpu").contiguous() for n, p in self.trainable.items()}  # gathered when sharded
+        optimizer, rng_states = optimizer_state(self.loss_module, self.optimizer), gather_to_main(rng_state(), self.parallel)
+        with full_parameters(self.loss_module):  # the adapter writer reads whole weights
+            if self.parallel.is_main:
+                with atomic_dir(path, overwrite=True) as tmp: self._write_checkpoint(tmp, trainable, optimizer, rng_states)
         self.last_checkpoint = path
         run_event(self.callbacks, "after_save", self)
         return path
@@ -270,9 +296,10 @@ class Checkpoints:
         diff = fingerprint_diff(state.get("fingerprint", {}), json.loads(json.dumps(jsonable(self.fingerprint))))
         if diff: raise ValueError(f"cannot resume from {path}: it was made by a different model or config:\n  " + "\n  ".join(diff))
         restore_trainable(self.trainable, path)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
+        load_optimizer_state(self.loss_module, self.optimizer, torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        own_rng = path / f"rng-rank{self.parallel.rank}.pt"  # a run resumed on more ranks than saved it: rank 0's generators
+        set_rng_state(torch.load(own_rng if own_rng.is_file() else path / "rng.pt", weights_only=True))
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.best_eval_loss = state["best_eval_loss"]
         for cb in self.callbacks:
@@ -313,6 +340,14 @@ class TrainingState:
         self.optimizer = make_optimizer(self.trainable.values(), optimizer, lr, weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRSchedule(schedule, warmup_steps, self.max_steps, min_lr_ratio))
 
+    def _init_loss_module(self, gradient_checkpointing:bool, loss_chunk_size:int|None):
+        "The model with its loss as one module, wrapped for the other ranks (DDP or FSDP) in a multi-process run."
+        if gradient_checkpointing: enable_gradient_checkpointing(self.model)
+        chunkable = all(hasattr(self.model, name) for name in ("get_decoder", "get_output_embeddings"))
+        self.loss_chunk_size = loss_chunk_size if chunkable else None  # other models compute their own loss
+        check_same_start({n: p for n, p in self.model.named_parameters() if p.requires_grad}, self.parallel)
+        self.loss_module = data_parallel(LanguageModelLoss(self.model, self.loss_chunk_size), self.parallel)  # FSDP swaps in sharded parameters
+
     def _init_counters(self):
         "No update done, no evaluation, no checkpoint; nothing measured or reported yet."
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -340,22 +375,23 @@ class Trainer(TrainingLoop, Evaluation, Checkpoints, TrainingState):
                  loss_chunk_size:int|None=256,  # tokens per chunk of the vocabulary loss; None: the model's own loss
                  run_dir:str|Path|None=None,  # where the run log and checkpoints go
                  fingerprint:dict|None=None,  # what must match to resume from a checkpoint (model, data, settings)
-                 save_adapter:Callable|None=None):  # (model, folder) -> writes the adapter in PEFT format
+                 save_adapter:Callable|None=None,  # (model, folder) -> writes the adapter in PEFT format
+                 parallel:Parallel|None=None):  # this process's place in a multi-process run; None: the only process
         self.device = torch.device(device) if device is not None else default_device()
         self.amp_dtype = compute_dtype(self.device, dtype)
-        check_trainer_settings(len(train_data), batch_size, grad_accum, epochs, max_steps, max_norm, loss_chunk_size, self.amp_dtype)
+        self.parallel = parallel or Parallel()
+        self.global_accum = grad_accum * self.parallel.world_size  # micro-batches per update, over all ranks
+        check_trainer_settings(len(train_data), batch_size, self.global_accum, epochs, max_steps, max_norm, loss_chunk_size, self.amp_dtype)
         self.model, self.train_data, self.collate_fn, self.eval_data = model, train_data, collate_fn, eval_data
         self.batch_size, self.grad_accum, self.eval_batch_size = batch_size, grad_accum, eval_batch_size or batch_size
-        self.steps_per_epoch = len(train_data) // (batch_size * grad_accum)
+        self.steps_per_epoch = len(train_data) // (batch_size * self.global_accum)
         self.max_steps = max_steps or epochs * self.steps_per_epoch
         self.max_norm, self.seed, self.shuffle = max_norm or None, seed, shuffle
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.fingerprint, self.save_adapter = fingerprint or {}, save_adapter
         model.to(self.device)  # before the optimizer exists, so restored optimizer state lands on the device too
+        self._init_loss_module(gradient_checkpointing, loss_chunk_size)
         self._init_optimization(optimizer, lr, weight_decay, schedule, warmup_steps, min_lr_ratio)
-        if gradient_checkpointing: enable_gradient_checkpointing(model)
-        chunkable = all(hasattr(model, name) for name in ("get_decoder", "get_output_embeddings"))
-        self.loss_chunk_size = loss_chunk_size if chunkable else None  # other models compute their own loss
         self.callbacks = sort_callbacks(callbacks)
         self._init_counters()
 
@@ -382,13 +418,13 @@ class Checkpointer(Callback):
         self.folder, self.save_steps, self.keep_last, self.save_final = Path(folder), save_steps, check_range(keep_last, "keep_last", low=1), save_final
 
     def before_fit(self, trainer):
-        if self.folder.is_dir():  # leftovers of a process killed mid-write or mid-delete
+        if self.folder.is_dir() and trainer.parallel.is_main:  # leftovers of a process killed mid-write or mid-delete
             for p in self.folder.iterdir():
                 if p.name.startswith((".tmp-", ".old-", ".del-")): shutil.rmtree(p, ignore_errors=True)
 
     def save(self, trainer):
-        trainer.save_checkpoint(self.folder / checkpoint_name(trainer.step))
-        self.rotate()
+        trainer.save_checkpoint(self.folder / checkpoint_name(trainer.step))  # every rank takes part; rank 0 writes
+        if trainer.parallel.is_main: self.rotate()
 
     def rotate(self):
         "Delete all but the last `keep_last` checkpoints and the best one by eval loss."

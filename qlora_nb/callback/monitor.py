@@ -13,6 +13,7 @@ from tqdm.std import tqdm as text_tqdm
 
 from ..core import check_in, check_range
 from .core import Callback, CancelBatchException, CancelFitException, CancelStepException
+from ..distributed import squared_norms
 
 # %% auto #0
 __all__ = ['RECOMMENDATIONS', 'TREND_KINDS', 'module_of', 'ModuleNorms', 'GradientMonitor', 'alert_line', 'StabilityReports',
@@ -34,7 +35,7 @@ class ModuleNorms:
 
     def __call__(self, tensors:list[torch.Tensor]) -> torch.Tensor:  # aligned with `names`
         "The L2 norm of each module's tensors together, as a (modules,) CPU tensor."
-        squares = torch.stack(torch._foreach_norm(tensors)).float().cpu() ** 2  # (tensors,)
+        squares = squared_norms(tensors)  # (tensors,) on the CPU, over all shards of a sharded tensor
         return torch.zeros(len(self.modules)).index_add_(0, self.index, squares).sqrt()  # (modules,)
 
 # %% ../../nbs/06_callback.monitor.ipynb #dfd79f64
