@@ -12,20 +12,22 @@ from typing import Callable
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .core import check_in, check_range
-from .runlog import LogTail, RunData
+from .runlog import LogTail, RunData, Series, as_number
 from .settings import SETTINGS, Setting, check_setting, resolve_config
 from .recipe import build, check_inputs, fit_and_evaluate, lora_config
 from .callback.control import TrainingControl
 
 # %% auto #0
-__all__ = ['PALETTE', 'PANELS', 'DATA_REPORT_FILE', 'FORM_SETTINGS', 'DASHBOARD_DEFAULTS', 'Throttle', 'training_figure',
-           'PlotTraces', 'TrainingPlots', 'alerts_html', 'read_data_report', 'data_report_html', 'ShownRun',
-           'RunPolling', 'RunFollowing', 'RunSelection', 'RunDashboard', 'format_value', 'parse_value',
-           'setting_widget', 'FormChecks', 'RunForm', 'check_run_config', 'default_run_config', 'TrainingButtons',
-           'train_run', 'TrainingThread', 'TrainingDashboard']
+__all__ = ['RANK_KEYS', 'PALETTE', 'PANELS', 'RANK_PALETTE', 'DATA_REPORT_FILE', 'FORM_SETTINGS', 'DASHBOARD_DEFAULTS',
+           'Throttle', 'RankRunData', 'training_figure', 'add_rank_traces', 'PlotTraces', 'TrainingPlots',
+           'alerts_html', 'read_data_report', 'data_report_html', 'ShownRun', 'RunPolling', 'RunFollowing',
+           'RunSelection', 'RunDashboard', 'format_value', 'parse_value', 'setting_widget', 'FormChecks', 'RunForm',
+           'check_run_config', 'default_run_config', 'TrainingButtons', 'train_run', 'TrainingThread',
+           'TrainingDashboard']
 
 # %% ../nbs/07_dashboard.ipynb #e1d2b139
 class Throttle:
@@ -41,6 +43,29 @@ class Throttle:
         self.last = now
         return True
 
+# %% ../nbs/07_dashboard.ipynb #2ffdf8a3
+RANK_KEYS = {"tokens_per_s": "rank_tokens_per_s", "memory": "rank_peak_rss",  # kind -> a step record's list, one value per rank
+             "cuda_memory": "rank_cuda_peak_allocated"}
+
+class RankRunData(RunData):
+    "`RunData` with one series per rank of each of a multi-process run's per-rank lists (`RANK_KEYS`)."
+    def reset(self):
+        super().reset()
+        self.rank_series = {}  # (kind, rank) -> Series
+
+    def _add_step(self, record:dict):
+        super()._add_step(record)
+        for kind, key in RANK_KEYS.items():
+            values = record.get(key)
+            for rank, value in enumerate(values if isinstance(values, list) else []):
+                if (value := as_number(value)) is not None:
+                    self.rank_series.setdefault((kind, rank), Series(self.max_points)).append(record.get("step"), value)
+
+    @property
+    def ranks(self) -> int:
+        "How many ranks the step records gave numbers for: 0 for a single-process run."
+        return max((rank + 1 for _, rank in self.rank_series), default=0)
+
 # %% ../nbs/07_dashboard.ipynb #61464e85
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 PANELS = ("loss (faint: raw, solid: smoothed, dots: eval)", "learning rate", "global grad norm (pre-clip)",
@@ -54,6 +79,12 @@ _SLOT_TRACES = {  # kind -> (row, col, series, style)
     "tokens_per_s": (3, 1, "tokens_per_s", dict(mode="lines")),
     "memory": (3, 2, "memory", dict(mode="lines")),
     "cuda_memory": (3, 2, "cuda_memory", dict(mode="lines", line=dict(dash="dot"))),
+}
+RANK_PALETTE = tuple(qualitative.Dark2)  # the ranks' colors, apart from the run slots'
+_RANK_TRACES = {  # kind -> (row, col, style): thin lines beside the run's own in the tokens/s and memory panels
+    "tokens_per_s": (3, 1, dict(mode="lines", line=dict(width=1))),
+    "memory": (3, 2, dict(mode="lines", line=dict(width=1))),
+    "cuda_memory": (3, 2, dict(mode="lines", line=dict(width=1, dash="dot"))),
 }
 
 
@@ -82,19 +113,31 @@ def training_figure(max_runs:int,  # run slots, each with the traces of `_SLOT_T
     figure.update_yaxes(exponentformat="e", row=1, col=2)
     return go.FigureWidget(figure), index
 
+# %% ../nbs/07_dashboard.ipynb #f08abeae
+def add_rank_traces(fig:go.FigureWidget, index:dict,  # `training_figure`'s
+                    rank:int):
+    "Add rank `rank`'s empty, hidden traces of `_RANK_TRACES` to `fig`, and their indices to `index` as ('rank k', kind)."
+    name, color = f"rank {rank}", RANK_PALETTE[rank % len(RANK_PALETTE)]
+    for kind, (row, col, style) in _RANK_TRACES.items():
+        index[name, kind] = len(fig.data)
+        fig.add_trace(go.Scatter(x=[], y=[], name=name, legendgroup=name, showlegend=kind == "tokens_per_s", visible=False,
+                                 **dict(style, line=dict(style["line"], color=color))), row=row, col=col)
+
 # %% ../nbs/07_dashboard.ipynb #b6643bf4
+def _show_points(trace, xs:list, ys:list):
+    # numpy arrays: plotly checks them in one pass and sends them to the browser as binary buffers
+    trace.x, trace.y, trace.visible = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), bool(xs)
+
 class PlotTraces:
     "The figure's traces by run slot and kind, and how a run is drawn into them (a part of `TrainingPlots`)."
     def trace(self, slot:int|str, kind:str|None=None):
-        "The trace of `kind` for run `slot` (or 'clip' / 'heatmap')."
+        "The trace of `kind` for run `slot` or rank 'rank k' (or 'clip' / 'heatmap')."
         return self.fig.data[self.index[slot] if kind is None else self.index[slot, kind]]
 
     def _draw_slot(self, slot:int, run:RunData|None):
         for kind, (_, _, series, _) in _SLOT_TRACES.items():
             trace = self.trace(slot, kind)
-            xs, ys = run.series[series].points() if run is not None else ([], [])
-            # numpy arrays: plotly checks them in one pass and sends them to the browser as binary buffers
-            trace.x, trace.y, trace.visible = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), bool(xs)
+            _show_points(trace, *(run.series[series].points() if run is not None else ([], [])))
             if run is not None: trace.name = run.name if kind == "loss_smooth" else f"{run.name} {kind}"
 
     def _draw_first_run_extras(self, first:RunData|None):
@@ -106,6 +149,19 @@ class PlotTraces:
         steps, names, z = first.heatmap() if first is not None else ([], [], [])
         heatmap.x, heatmap.y = np.asarray(steps, dtype=float), names
         heatmap.z = np.array(z, dtype=float) if z else []  # None (no norm) becomes NaN: a gap
+        self._draw_ranks(first)
+
+    def _add_rank_traces(self, first:RunData|None):
+        "Add traces for the first run's ranks that have none yet (before a batched update: plotly sends them at once)."
+        ranks = first.ranks if isinstance(first, RankRunData) else 0
+        for rank in range(self.rank_traces, ranks): add_rank_traces(self.fig, self.index, rank)
+        self.rank_traces = max(self.rank_traces, ranks)
+
+    def _draw_ranks(self, first:RunData|None):
+        series = first.rank_series if isinstance(first, RankRunData) else {}
+        for rank in range(self.rank_traces):
+            for kind in _RANK_TRACES:
+                _show_points(self.trace(f"rank {rank}", kind), *(series[kind, rank].points() if (kind, rank) in series else ([], [])))
 
 # %% ../nbs/07_dashboard.ipynb #3fa1d62d
 class TrainingPlots(PlotTraces):
@@ -115,6 +171,7 @@ class TrainingPlots(PlotTraces):
         self.max_runs = max_runs
         self.fig, self.index = training_figure(max_runs, height)
         self.renders, self.drawn = 0, {}  # slot -> (run id, run version) drawn last: unchanged runs are not resent
+        self.rank_traces = 0  # ranks that have traces in the figure
 
     def render(self, runs:list[RunData]) -> bool:
         "Redraw the panels of the runs that changed since the last call, in one batched update; False if none did."
@@ -122,6 +179,7 @@ class TrainingPlots(PlotTraces):
         keys = {slot: (id(runs[slot]), runs[slot].version) if slot < len(runs) else None for slot in range(self.max_runs)}
         changed = [slot for slot, key in keys.items() if self.drawn.get(slot, "never") != key]
         if not changed: return False
+        if 0 in changed: self._add_rank_traces(runs[0] if runs else None)
         with self.fig.batch_update():
             for slot in changed: self._draw_slot(slot, runs[slot] if slot < len(runs) else None)
             if 0 in changed: self._draw_first_run_extras(runs[0] if runs else None)
@@ -283,7 +341,7 @@ class RunSelection(RunFollowing):
             default = tail.path.parent.name
             names = {r.data.name for r in self.runs}
             name = name or (default if default not in names else f"{default} ({len(self.runs) + 1})")
-            shown = ShownRun(RunData(name, self.max_points), tail, follow)
+            shown = ShownRun(RankRunData(name, self.max_points), tail, follow)
             self.runs.append(shown)
             self.poll(force=True)
         if follow: self._start_poller()
