@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_models.ipynb #830052ca
 from __future__ import annotations
-import argparse, importlib.machinery, importlib.util, json, sys, time
+import argparse, fcntl, importlib.machinery, importlib.util, json, sys, time
 from pathlib import Path
 
 import torch
@@ -53,15 +53,20 @@ def convert_gguf(gguf_path:Path|str,  # a GGUF file of a model transformers can 
     return Path(out_dir)
 
 # %% ../nbs/00a_models.ipynb #12ce7b9a
-def prepare_smollm2() -> Path:
-    "The converted SmolLM2-135M-Instruct folder in the cache, converting it on first use."
-    gguf = smollm2_gguf_path()
-    out_dir = cache_dir("models") / "smollm2-135m"
+def _converted(out_dir:Path, gguf:Path) -> bool:
     marker = out_dir / "qlora_nb_source.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("bytes") == gguf.stat().st_size: return out_dir
-    if out_dir.exists(): raise FileExistsError(f"{out_dir} holds something that is not a complete conversion of {gguf.name}; "
-                                               "delete it and run `make model` again")
-    return convert_gguf(gguf, out_dir)
+    return marker.is_file() and json.loads(marker.read_text()).get("bytes") == gguf.stat().st_size
+
+def prepare_smollm2() -> Path:
+    "The converted SmolLM2-135M-Instruct folder in the cache, converting it on first use; processes asking at once convert it once."
+    gguf, out_dir = smollm2_gguf_path(), cache_dir("models") / "smollm2-135m"
+    if _converted(out_dir, gguf): return out_dir
+    with open(out_dir.with_name(".smollm2-135m.lock"), "a") as lock:  # the ranks of a run, or two `make` targets, at once
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file closes; a process that waited then finds the conversion done
+        if _converted(out_dir, gguf): return out_dir
+        if out_dir.exists(): raise FileExistsError(f"{out_dir} holds something that is not a complete conversion of {gguf.name}; "
+                                                   "delete it and run `make model` again")
+        return convert_gguf(gguf, out_dir)
 
 # %% ../nbs/00a_models.ipynb #fb92bb5f
 CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
