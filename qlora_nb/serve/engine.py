@@ -205,6 +205,7 @@ class Sequence:
         self.prompt_ids, self.output_ids, self.adapter, self.params, self.handle = prompt_ids, [], adapter, params, handle
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.status = "waiting"  # -> 'running' (its KV rows are in the cache) -> 'finished'
+        self.prefix_blocks = []  # the cached blocks its prompt begins with, as the scheduler last looked them up
 
     def __len__(self) -> int: return len(self.prompt_ids) + len(self.output_ids)
     @property
@@ -492,12 +493,13 @@ class Engine(EngineLoop):
             return ran
 
     def _prefill_cost(self, seq:Sequence) -> int:
-        "Prompt tokens the prefill of `seq` computes: those after its cached blocks."
-        return len(seq.prompt_ids) - PREFIX_BLOCK * len(self.prefixes.cached_blocks(seq.adapter, seq.prompt_ids))
+        "Prompt tokens the prefill of `seq` computes: those after its cached blocks (kept on `seq` for the prefill of this step)."
+        seq.prefix_blocks = self.prefixes.cached_blocks(seq.adapter, seq.prompt_ids)
+        return len(seq.prompt_ids) - PREFIX_BLOCK * len(seq.prefix_blocks)
 
     def _prefill(self, seqs:list[Sequence], start:int):
         "Prefill newcomers in rows `start ..`: cached prompt beginnings copied in, the rest computed, new full blocks kept."
-        blocks = [self.prefixes.cached_blocks(s.adapter, s.prompt_ids) for s in seqs]
+        blocks = [s.prefix_blocks for s in seqs]  # looked up by `_prefill_cost` in this step's schedule, under the step lock
         cached = [PREFIX_BLOCK * len(b) for b in blocks]
         self._stats["prompt_tokens"] += sum(len(s.prompt_ids) for s in seqs); self._stats["cached_prompt_tokens"] += sum(cached)
         inputs = prefill_inputs(seqs, self.pad_id, cached, self.context_length)
