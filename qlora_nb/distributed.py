@@ -63,7 +63,10 @@ def start_process_group(device:torch.device,  # the device the run asked for
     if not world.active: return world, device
     if device.type == "cuda": device = torch.device("cuda", world.local_rank); torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))  # the launcher's store
+        store = dist.PrefixStore(f"qlora_nb/attempt-{restart_count()}", store)  # a restart reuses it: skip the dead attempt's keys
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     return world, device
 
 # %% ../nbs/04d_distributed.ipynb #1191821e
