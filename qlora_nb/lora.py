@@ -189,6 +189,10 @@ def requantize(base:nn.Module,  # a quantized linear with `from_linear` (NF4Line
     return layer
 
 # %% ../nbs/02_lora.ipynb #9ac9604b
+def _pattern_value(pattern:dict|None, name:str, default):
+    "The value of the first key of `pattern` that matches the end of `name` at a dot, as PEFT's `get_pattern_key`; else `default`."
+    return next((v for k, v in (pattern or {}).items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
 @dataclass
 class LoRAConfig:
     "What to adapt and how: the settings of `peft.LoraConfig` that qlora_nb supports."
@@ -201,6 +205,8 @@ class LoRAConfig:
     use_rslora:bool = False  # scale by alpha/√r
     use_dora:bool = False  # weight-decomposed LoRA
     init:str = "kaiming"  # 'kaiming' or 'gaussian' for A; B always starts at 0
+    rank_pattern:dict[str, int]|None = None  # module name (or a regex for its end) -> its own rank, as PEFT's rank_pattern
+    alpha_pattern:dict[str, float]|None = None  # module name (or a regex for its end) -> its own alpha, as PEFT's alpha_pattern
 
     def __post_init__(self):
         _check_lora_args(self.r, self.alpha, self.dropout, self.init)
@@ -217,6 +223,13 @@ class LoRAConfig:
             self.layers_to_transform = list(self.layers_to_transform)
             for i in self.layers_to_transform: check_range(i, "layers_to_transform", low=0)
         if self.modules_to_save is not None: self.modules_to_save = list(self.modules_to_save)
+        for key, r in (self.rank_pattern or {}).items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1: raise ValueError(f"rank_pattern[{key!r}]={r!r} must be a positive int")
+        for key, alpha in (self.alpha_pattern or {}).items(): check_range(alpha, f"alpha_pattern[{key!r}]", low=0, low_open=True)
+
+    def rank_and_alpha(self, name:str) -> tuple[int, float]:
+        "The rank and alpha of the module called `name`: its first match in rank_pattern / alpha_pattern, else r and alpha."
+        return _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.alpha)
 
     @property
     def scaling(self) -> float: return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
@@ -233,6 +246,7 @@ class LoRAConfig:
         return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
                                layers_to_transform=layers, modules_to_save=self.modules_to_save,
                                use_rslora=self.use_rslora, use_dora=self.use_dora,
+                               rank_pattern=self.rank_pattern or {}, alpha_pattern=self.alpha_pattern or {},
                                init_lora_weights=True if self.init == "kaiming" else "gaussian", **kwargs)
 
 # %% ../nbs/02_lora.ipynb #d60ce478
@@ -321,7 +335,8 @@ def add_lora(model:nn.Module,  # any causal LM (or module) with linear layers, p
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
     for name in names:
         base = model.get_submodule(name)
-        lora = LoRALinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
+        r, alpha = config.rank_and_alpha(name)
+        lora = LoRALinear(base, r=r, alpha=alpha, dropout=config.dropout,
                           use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init)
         model.set_submodule(name, lora.train(base.training))  # an eval model keeps its LoRA dropout off
     for name in save_names:
@@ -430,7 +445,8 @@ def peft_config_dict(model:nn.Module) -> dict:
             "layers_to_transform": None, "layers_pattern": None, "modules_to_save": config.modules_to_save,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora, "init_lora_weights": True if config.init == "kaiming" else "gaussian",
             "bias": "none", "lora_bias": False, "fan_in_fan_out": fan_in_fan_out,
-            "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+            "inference_mode": True, "rank_pattern": {n: m.r for n, m in layers.items() if m.r != config.r},
+            "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != config.alpha}}
 
 def save_adapter(model:nn.Module,  # a model with LoRA (after add_lora or load_adapter)
                  path:Path|str,  # the adapter folder to write
@@ -445,7 +461,7 @@ def save_adapter(model:nn.Module,  # a model with LoRA (after add_lora or load_a
     return Path(path)
 
 # %% ../nbs/02_lora.ipynb #f02257f3
-_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "use_qalora": False,
+_UNSUPPORTED = {"lora_bias": False, "use_qalora": False,
                 "layer_replication": None, "trainable_token_indices": None, "target_parameters": None}
 
 def config_from_peft(config:dict,  # the parsed adapter_config.json
@@ -462,7 +478,8 @@ def config_from_peft(config:dict,  # the parsed adapter_config.json
     return LoRAConfig(r=config["r"], alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
                       target_modules=config.get("target_modules") or "all-linear", layers_to_transform=config.get("layers_to_transform"),
                       modules_to_save=config.get("modules_to_save"), use_rslora=config.get("use_rslora", False),
-                      use_dora=bool(config.get("use_dora", False)), init="gaussian" if init == "gaussian" else "kaiming")
+                      use_dora=bool(config.get("use_dora", False)), init="gaussian" if init == "gaussian" else "kaiming",
+                      rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None)
 
 # %% ../nbs/02_lora.ipynb #3772e7f7
 def _expected_shapes(model:nn.Module, names:list[str], config:LoRAConfig) -> dict[str, tuple]:
@@ -471,7 +488,7 @@ def _expected_shapes(model:nn.Module, names:list[str], config:LoRAConfig) -> dic
     for name in names:
         module = model.get_submodule(name)
         in_features, out_features = linear_features(module)
-        r, use_dora = (module.r, module.use_dora) if isinstance(module, LoRALinear) else (config.r, config.use_dora)
+        r, use_dora = (module.r, module.use_dora) if isinstance(module, LoRALinear) else (config.rank_and_alpha(name)[0], config.use_dora)
         shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, in_features)
         shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, r)
         if use_dora: shapes[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (out_features,)
@@ -504,7 +521,8 @@ def load_adapter(model:nn.Module,  # the base model (LoRA is added) or a model w
         problems = ([f"{len(wrong)} tensors do not fit the model, e.g. {wrong[0]}"] if wrong else []) + \
                    ([f"{len(unknown)} tensors name no module of the model, e.g. {unknown[0]}"] if unknown else []) + \
                    ([f"{len(missing)} LoRA tensors are missing, e.g. {missing[0]}"] if missing else [])
-        raise ValueError(f"adapter {path} does not fit {type(model).__name__} (r={config.r}): " + "; ".join(problems))
+        ranks = f"r={config.r}" + (f", rank_pattern={config.rank_pattern}" if config.rank_pattern else "")
+        raise ValueError(f"adapter {path} does not fit {type(model).__name__} ({ranks}): " + "; ".join(problems))
     if not has_lora: add_lora(model, config)
     state = model.state_dict()
     with torch.no_grad():

@@ -22,7 +22,8 @@ from .recompute import set_up_training_kernels
 __all__ = ['ATTENTION_NAMES', 'METHODS', 'METHOD_CHOICES', 'LORA_VARIANTS', 'TRAINABLE_FILE', 'METHOD_FILE', 'BACKENDS',
            'BottleneckAdapter', 'attention_block', 'decoder_layers', 'add_adapters', 'remove_adapters', 'add_bitfit',
            'full_finetune', 'feature_extraction', 'add_method', 'prepare_model', 'method_setup', 'method_settings',
-           'save_trainable', 'read_method', 'load_trainable', 'load_for_training']
+           'save_trainable', 'read_method', 'load_trainable', 'trainable_state', 'load_trainable_state',
+           'load_for_training']
 
 # %% ../nbs/02c_methods.ipynb #3010e55f
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -259,6 +260,20 @@ def load_trainable(model:nn.Module,  # the base model (set up here for the metho
         elif wanted == "bitfit": add_bitfit(model, **info["settings"])
         else: full_finetune(model)
     _load_tensors(model, folder / TRAINABLE_FILE, saved)
+    return model
+
+# %% ../nbs/02c_methods.ipynb #fe7697f1
+def trainable_state(model:nn.Module) -> dict[str, torch.Tensor]:
+    "A detached copy of every trainable parameter, by name."
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+@torch.no_grad()
+def load_trainable_state(model:nn.Module, state:dict[str, torch.Tensor]) -> nn.Module:
+    "Copy `state` into the model's trainable parameters; the names must be exactly the model's."
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if differ := sorted(params.keys() ^ state.keys()):
+        raise ValueError(f"state does not match the model's trainable parameters: {differ[:3]} ({len(differ)} names differ)")
+    for name, p in params.items(): p.copy_(state[name])
     return model
 
 # %% ../nbs/02c_methods.ipynb #6d03b25d
