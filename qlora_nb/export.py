@@ -14,13 +14,16 @@ from torch import nn
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
-from .core import atomic_dir, check_in
+from .core import atomic_dir, check_in, check_range
 from .kernels import exact_matmuls
 from .lora import is_quantized, load_adapter, merge_lora
 from .models import load_base, resolve_model_path, tiny_config
 from .quant_linear import dense_layer, quantize_model
 from .settings import load_config_file, resolve_config
-from .recipe import build_model
+from .data import has_prompt
+from .metrics import generate_answers, output_report, read_blocklist
+from .quant_aware import fake_quantized, merge_nf4
+from .recipe import build_model, build_rows
 
 # %% auto #0
 __all__ = ['EXPORT_KINDS', 'INFERENCE_SETTINGS', 'VERIFY_TEXTS', 'LLAMA_GGUF_NAMES', 'GPT2_GGUF_NAMES', 'GGUF_NAMES',
@@ -28,8 +31,8 @@ __all__ = ['EXPORT_KINDS', 'INFERENCE_SETTINGS', 'VERIFY_TEXTS', 'LLAMA_GGUF_NAM
            'load_run_model', 'dequantize_model', 'logits_of', 'compare_logits', 'export_merged', 'verify_merged',
            'bnb_quantization_config', 'export_nf4', 'verify_nf4', 'export_adapter', 'verify_adapter',
            'gguf_tensor_name', 'permute_qk', 'gguf_llama_metadata', 'gguf_gpt2_metadata', 'gguf_architecture',
-           'gguf_tokenizer_metadata', 'export_gguf', 'gguf_rounded', 'verify_gguf', 'base_config', 'export_run',
-           'make_export_parser', 'export_main']
+           'gguf_tokenizer_metadata', 'export_gguf', 'gguf_rounded', 'verify_gguf', 'check_quant_aware_export',
+           'export_quant_aware_nf4', 'output_checks', 'base_config', 'export_run', 'make_export_parser', 'export_main']
 
 # %% ../nbs/14_export.ipynb #9b3a7a96
 EXPORT_KINDS = ("merged", "nf4", "adapter", "gguf")
@@ -359,6 +362,41 @@ def verify_gguf(path:Path|str, model:nn.Module,  # the merged fp32 model the fil
             "rounding_rel_diff": rounding["rel_diff"], "rounding_argmax_agreement": rounding["argmax_agreement"],
             "tokenizer_agrees": all(tokenizer(text)["input_ids"] == theirs(text)["input_ids"] for text in texts)}
 
+# %% ../nbs/14_export.ipynb #ffb4fafd
+def check_quant_aware_export(config:dict,  # the run's resolved settings (`run_config`)
+                             kinds:list, blocksize:int|None):
+    "ValueError, before any work, unless a quant-aware export of this run can be exactly what it trained."
+    if kinds != ["nf4"]: raise ValueError(f"quant_aware=True (--quant-aware) exports the nf4 format alone, not {kinds}: pass --format nf4")
+    if not config["quant_aware_steps"]:
+        raise ValueError("the run was not trained quant-aware (quant_aware_steps: 0): train with quant_aware_steps: N, or export without --quant-aware")
+    if blocksize not in (None, config["blocksize"]):
+        raise ValueError(f"blocksize={blocksize}: a quant-aware export keeps the blocksize {config['blocksize']} its last steps trained through")
+
+def export_quant_aware_nf4(model:nn.Module, tokenizer,  # the run's model (`load_run_model`), left as it is
+                           out_dir:Path|str, blocksize:int, overwrite:bool=False) -> tuple[Path, torch.Tensor]:
+    "Write Q(W_deq + s·B·A) as an NF4 checkpoint after checking, to the bit, that it computes what the quant-aware steps trained; return it and its logits."
+    with fake_quantized(model): trained = logits_of(model, tokenizer)  # (B, T, V)
+    merged = merge_nf4(model)
+    deployed = logits_of(merged, tokenizer)
+    if not torch.equal(deployed, trained):
+        raise ValueError(f"the merged NF4 model does not compute what the quant-aware steps trained (max |Δlogit| "
+                         f"{(deployed - trained).abs().max():.3g}): was the run trained in bf16, or without quant_aware_steps?")
+    return export_nf4(merged, tokenizer, out_dir, blocksize=blocksize, overwrite=overwrite), trained
+
+# %% ../nbs/14_export.ipynb #4d0741a6
+def output_checks(model:nn.Module, tokenizer, config:dict,  # the run's model and its resolved settings (`run_config`)
+                  n:int=30,  # held-out prompts to answer, spread over the tasks
+                  blocklist=(),  # phrases no answer may contain
+                  ) -> dict:
+    "The output report of the model's greedy answers to `n` held-out prompts of the run's data, with a few examples."
+    check_range(n, "check_outputs", low=1)
+    output_report([], blocklist)  # a bad blocklist fails before any generation
+    rows, _ = build_rows({**config, "em_examples": n}, tokenizer)
+    prompts = [row for row in rows["test"] if has_prompt(row)][:n]
+    if not prompts: return {"skipped": "the run holds out no test rows with a prompt to answer (its test setting is null)", "problems": []}
+    answers = generate_answers(model, tokenizer, prompts, config["em_max_new_tokens"], config["em_batch_size"])
+    return {**output_report(answers, blocklist), "examples": [[row["output"], answer] for row, answer in zip(prompts[:3], answers)]}
+
 # %% ../nbs/14_export.ipynb #a41c7e02
 EXPORT_RTOL = {"merged": 1e-4, "nf4": 0.03, "adapter": 1e-4,  # nf4: bitsandbytes' CPU kernel keeps the absmax in bf16
                "gguf_f16": 1e-4, "gguf_q8_0": 1e-4}  # gguf: against the merged model with its weights rounded as the file stores them
@@ -381,11 +419,11 @@ def _nf4_from_merged(dense:nn.Module, dense_logits:torch.Tensor, tokenizer, out_
         entry["check"] = _checked("nf4", check, rtol)
     return entry
 
-def _from_merged(run_dir:Path, out_dir:Path, kinds:list, base:str|None, blocksize:int, gguf_type:str, verify:bool, rtol:dict,
+def _from_merged(model:nn.Module, tokenizer,  # the run's model (`load_run_model`); consumed: merged in place
+                 run_dir:Path, out_dir:Path, kinds:list, blocksize:int, gguf_type:str, verify:bool, rtol:dict,
                  overwrite:bool, say, device) -> dict:
     "The merged, gguf and nf4 exports of a run; without the merged one it merges into a scratch folder removed however it ends."
     from transformers import AutoModelForCausalLM
-    model, tokenizer = load_run_model(run_dir, base, device)
     reference = logits_of(model, tokenizer)
     exports = {}
     with tempfile.TemporaryDirectory(prefix="qlora-nb-export-") as scratch:
@@ -409,6 +447,21 @@ def _from_merged(run_dir:Path, out_dir:Path, kinds:list, base:str|None, blocksiz
     return exports
 
 # %% ../nbs/14_export.ipynb #a706c3f8
+def _quant_aware_entry(model, tokenizer, out_dir:Path, blocksize:int, verify:bool, rtol:dict, overwrite:bool, say, device) -> dict:
+    "The report entry of a quant-aware NF4 export, verified with transformers + bitsandbytes like the plain one."
+    say(f"merging the quant-aware adapter into NF4 (blocksize {blocksize}), exactly as its last steps trained -> {out_dir}")
+    path, trained = export_quant_aware_nf4(model, tokenizer, out_dir, blocksize, overwrite)
+    entry = {"path": str(path), "blocksize": blocksize, "quant_aware": True, "exact": True}
+    if verify: entry["check"] = _checked("nf4", verify_nf4(path, trained, tokenizer, device), rtol)
+    return entry
+
+def _passed_output_checks(outputs:dict, allow_problems:bool) -> dict:
+    "`outputs`, unless it found problems that are not allowed: then a ValueError naming them, before anything is written."
+    if outputs["problems"] and not allow_problems:
+        raise ValueError(f"the run's answers fail the output checks, so nothing was exported: {'; '.join(outputs['problems'])}; "
+                         "pass allow_output_problems=True (--allow-output-problems) to export anyway")
+    return outputs
+
 def _export_path(out_dir:Path, kind:str, gguf_type:str) -> Path:
     "Where an export goes: a folder per kind, and for gguf one file per type."
     return out_dir / "gguf" / f"model-{gguf_type}.gguf" if kind == "gguf" else out_dir / kind
@@ -429,6 +482,10 @@ def export_run(run_dir:Path|str,  # a run directory with adapter/ (and config.js
                print_fn=None,  # called with progress lines, e.g. print
                device:str|torch.device="cpu",  # where the models run for merging, quantizing and verifying
                gguf_type:str="f16",  # weights of the gguf export: 'f16' or 'q8_0'
+               check_outputs:int=30,  # held-out prompts the run's model answers before anything is written (0: no output checks)
+               blocklist=(),  # phrases no answer may contain
+               allow_output_problems:bool=False,  # export even when the output checks find a problem
+               quant_aware:bool=False,  # nf4 only: export exactly what a run's quant-aware steps trained, checked to the bit
                ) -> dict:
     "Export a run's adapter as a merged model, an NF4 checkpoint, a PEFT adapter and/or a GGUF file, verifying each; return the report."
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
@@ -439,14 +496,23 @@ def export_run(run_dir:Path|str,  # a run directory with adapter/ (and config.js
     run_adapter(run_dir)
     settings = run_settings(run_dir, base)
     if "gguf" in kinds: gguf_architecture(base_config(settings["model"]))  # before any merging
+    if quant_aware: check_quant_aware_export(run_config(run_dir, base), kinds, blocksize)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     for kind in kinds:
         path = _export_path(out_dir, kind, gguf_type)
         if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     rtol, say = {**EXPORT_RTOL, **(rtol or {})}, print_fn or (lambda *a: None)
     report = {"run_dir": str(run_dir), "settings": settings, "exports": {}}
-    if {"merged", "nf4", "gguf"} & set(kinds):
-        report["exports"] = _from_merged(run_dir, out_dir, kinds, base, blocksize or settings["blocksize"], gguf_type, verify, rtol,
+    if check_outputs: check_range(check_outputs, "check_outputs", low=1); output_report([], blocklist)
+    merging = bool({"merged", "nf4", "gguf"} & set(kinds))
+    if merging or check_outputs: model, tokenizer = load_run_model(run_dir, base, device)
+    if check_outputs:
+        say(f"checking the answers to {check_outputs} held-out prompts")
+        report["outputs"] = _passed_output_checks(output_checks(model, tokenizer, run_config(run_dir, base), check_outputs, blocklist),
+                                                  allow_output_problems)
+    if quant_aware: report["exports"]["nf4"] = _quant_aware_entry(model, tokenizer, out_dir / "nf4", settings["blocksize"], verify, rtol, overwrite, say, device)
+    elif merging:
+        report["exports"] = _from_merged(model, tokenizer, run_dir, out_dir, kinds, blocksize or settings["blocksize"], gguf_type, verify, rtol,
                                          overwrite, say, device)
     if "adapter" in kinds:
         say(f"copying the adapter (PEFT format) -> {out_dir / 'adapter'}")
@@ -468,15 +534,29 @@ def make_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip loading each export with the other library")
     parser.add_argument("--overwrite", action="store_true", help="replace existing exports")
     parser.add_argument("--device", default="cpu", help="where to merge, quantize and verify: cpu (default) or cuda")
+    parser.add_argument("--check-outputs", type=int, default=30, metavar="N",
+                        help="held-out prompts the run's model answers before anything is written (default 30; 0: no output checks)")
+    parser.add_argument("--blocklist", metavar="FILE", help="phrases no answer may contain, one a line (lines starting with # are skipped)")
+    parser.add_argument("--allow-output-problems", action="store_true", help="export even when the output checks find a problem")
+    parser.add_argument("--quant-aware", action="store_true",
+                        help="with --format nf4: export exactly the NF4 model a run's quant_aware_steps trained, checked to the bit")
     return parser
+
+def _outputs_line(outputs:dict) -> str:
+    "One line on the output checks: how many answers, their diversity, and any problem allowed through."
+    if "skipped" in outputs: return f"outputs: not checked: {outputs['skipped']}"
+    problems = "; ".join(outputs["problems"]) or "no problems"
+    return f"outputs: {outputs['count']} answers checked, distinct-2 {outputs['distinct_2']:.2f}: {problems}"
 
 def export_main(argv:list[str]|None=None) -> int:
     "The `qlora-nb export` command."
     args = make_export_parser().parse_args(argv)
     kinds = list(EXPORT_KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     try:
+        blocklist = read_blocklist(args.blocklist) if args.blocklist else []
         report = export_run(args.run_dir, args.out, kinds, args.base, args.blocksize, args.verify, overwrite=args.overwrite, print_fn=print,
-                            device=args.device, gguf_type=args.gguf_type)
+                            device=args.device, gguf_type=args.gguf_type, check_outputs=args.check_outputs, blocklist=blocklist,
+                            allow_output_problems=args.allow_output_problems, quant_aware=args.quant_aware)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qlora-nb export: error: {e}", file=sys.stderr)
         return 2
@@ -484,7 +564,9 @@ def export_main(argv:list[str]|None=None) -> int:
         check = entry.get("check")
         status = (f"verified: max |Δlogit| {check['max_abs_diff']:.2e} ({check['rel_diff']:.2%}), argmax agrees on {check['argmax_agreement']:.0%}"
                   if check else "not verified")
+        if entry.get("quant_aware"): status += "; quant-aware: its logits equal the trained model's to the bit"
         print(f"{kind}: {entry['path']} ({status})")
+    if "outputs" in report: print(_outputs_line(report["outputs"]))
     return 0
 
 # %% ../nbs/14_export.ipynb #56737f6f

@@ -20,8 +20,8 @@ from .data import (SPLITS, DataError, check_template, has_prompt, load_data, res
 # %% auto #0
 __all__ = ['MOJIBAKE', 'CONTROL', 'SYNONYMS', 'WORD', 'AUGMENTATIONS', 'MIN_HELDOUT_ROWS', 'REASONS', 'WHERE', 'Finding',
            'Report', 'encoding_problem', 'validate', 'normalize_whitespace', 'clean', 'synonym_paraphrase',
-           'inject_noise', 'augment', 'mix_tasks', 'check_fractions', 'hold_out', 'SplitReport', 'DataReport',
-           'build_datasets']
+           'inject_noise', 'augment', 'task_shares', 'mix_tasks', 'check_fractions', 'hold_out', 'SplitReport',
+           'DataReport', 'build_datasets']
 
 # %% ../nbs/03a_prepare.ipynb #44d27915
 @dataclass
@@ -203,15 +203,25 @@ def augment(ds:Dataset, kind:str="paraphrase",  # 'paraphrase' or 'noise'
     return datasets.concatenate_datasets([ds, copies.select(changed)]) if changed else ds
 
 # %% ../nbs/03a_prepare.ipynb #7dab326c
+def task_shares(counts:dict,  # task name -> rows
+                weights:dict,  # task name -> sampling weight (>= 0); unnamed tasks weigh 1
+                temperature:float|None=None,  # shares follow rows**(1/temperature) times the weight; None: the weights alone
+                ) -> dict:
+    "Each task's unnormalized share of a mixed dataset."
+    for task, weight in weights.items():
+        check_in(task, counts, "task in weights"); check_range(weight, f"weights[{task!r}]", low=0)
+    if temperature is not None: check_range(temperature, "task_temperature", low=0, low_open=True)
+    size_factor = (lambda n: n ** (1 / temperature)) if temperature is not None else (lambda n: 1.0)
+    return {task: float(weights.get(task, 1.0)) * size_factor(n) for task, n in counts.items()}
+
 def mix_tasks(ds:Dataset, weights:dict,  # task name -> sampling weight (>= 0); unnamed tasks weigh 1
               seed:int=0, size:int|None=None,  # rows in the mixed dataset; len(ds) when None
+              temperature:float|None=None,  # temperature sampling: shares follow rows**(1/T) times the weight
               ) -> Dataset:
-    "Resample a multi-task dataset so each task's share of rows follows `weights`; shuffled, seeded."
+    "Resample a multi-task dataset so each task's share of rows follows `weights` (and `temperature`); shuffled, seeded."
     by_task = defaultdict(list)
     for i, task in enumerate(ds["task"]): by_task[task].append(i)
-    for task, weight in weights.items():
-        check_in(task, by_task, "task in weights"); check_range(weight, f"weights[{task!r}]", low=0)
-    w = {task: float(weights.get(task, 1.0)) for task in by_task}
+    w = task_shares({task: len(rows) for task, rows in by_task.items()}, weights, temperature)
     total_weight, size = sum(w.values()), len(ds) if size is None else size
     if total_weight == 0: raise ValueError("weights are all zero: at least one task needs a positive weight")
     rng, picked = random.Random(seed), []
@@ -402,6 +412,7 @@ def build_datasets(tokenizer,
                    drop_long:bool=False,  # drop rows over max_length tokens instead of truncating them
                    augmentation:str|None=None, augment_p:float=0.3,  # 'paraphrase' or 'noise' on training prompts
                    task_weights:dict|None=None,  # task -> sampling weight, for multi-task mixing of training rows
+                   task_temperature:float|None=None,  # temperature sampling of training rows by task (see `mix_tasks`)
                    template:str|None=None, task_templates:dict|None=None,  # see `split_example`
                    verbose:bool=False,  # print the data report's table
                    ) -> DatasetDict:
@@ -425,7 +436,7 @@ def build_datasets(tokenizer,
         if split == "train":
             train_prompts = {_overlap_key(r) for r in ds.to_list()}
             if augmentation is not None: ds = augment(ds, augmentation, augment_p, seed)
-            if task_weights: ds = mix_tasks(ds, task_weights, seed)
+            if task_weights or task_temperature: ds = mix_tasks(ds, task_weights or {}, seed, temperature=task_temperature)
         else: stats.overlap = [r["where"] for r in ds.to_list() if _overlap_key(r) in train_prompts]
         result[split], counts = tokenize_dataset(ds, tokenizer, max_length, mask_prompt, template, task_templates)
         stats.dropped["no answer left"], stats.truncated = counts["dropped_no_answer"], counts["truncated_rows"]

@@ -25,6 +25,7 @@ from .callback.report import check_reporters, make_sinks
 from .callback.threads import ThreadGovernor, compute_threads
 from .distributed import Parallel, RankMonitor, full_parameters, restart_count, start_process_group, unsharded_root
 from .trainer import Checkpointer, EvalEvery, Trainer, fingerprint_diff, latest_checkpoint
+from .quant_aware import QuantAwareSteps, merge_nf4
 from .callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
 from .metrics import evaluate_rows, perplexity
 from .settings import SETTINGS, load_config_file, resolve_config
@@ -33,16 +34,16 @@ from .settings import SETTINGS, load_config_file, resolve_config
 __all__ = ['RUN_FILES', 'FINGERPRINT_KEYS', 'fingerprint', 'check_resumable', 'check_run_dir', 'clear_run_dir',
            'keep_global_batch', 'elastic_resume', 'data_sources', 'spread_over_tasks', 'build_rows', 'resolve_device',
            'lora_config', 'quant_storage', 'build_model', 'general_text_path', 'evaluate_model', 'build_trainer',
-           'git_commit', 'run_environment', 'Run', 'evaluation_plan', 'evaluation_line', 'fit_and_evaluate',
-           'run_summary', 'check_inputs', 'build', 'evaluate_run']
+           'git_commit', 'run_environment', 'deployed_model', 'Run', 'evaluation_plan', 'evaluation_line',
+           'fit_and_evaluate', 'run_summary', 'check_inputs', 'build', 'evaluate_run']
 
 # %% ../nbs/06c_recipe.ipynb #fb80f342
 RUN_FILES = ("config.json", "environment.json", "data_report.json", "run.jsonl", "checkpoints", "adapter", "report.html",
              "eval_before.json", "tensorboard", "mlruns", "mlflow_run.json")
 FINGERPRINT_KEYS = ("model", "data", "val", "val_fraction", "fields", "skip_bad_rows", "clean_data", "drop_long", "augmentation", "augment_p",
-                    "task_weights", "packing", "method", "quant", "blocksize", "double_quant", "lora_r", "lora_alpha",
+                    "task_weights", "task_temperature", "packing", "method", "quant", "blocksize", "double_quant", "lora_r", "lora_alpha",
                     "lora_dropout", "target_modules", "max_length", "batch_size", "grad_accum", "max_steps", "lr",
-                    "weight_decay", "optimizer", "schedule", "warmup_steps", "min_lr_ratio", "max_norm", "seed", "dtype", "shard")
+                    "weight_decay", "optimizer", "schedule", "warmup_steps", "min_lr_ratio", "max_norm", "seed", "dtype", "shard", "quant_aware_steps")
 
 def fingerprint(config:dict, world_size:int=1) -> dict:
     "The settings that determine the training trajectory; a resumed run must match them. `grad_accum` counts every process's micro-batches."
@@ -134,7 +135,8 @@ def build_rows(config:dict, tokenizer) -> tuple[dict[str, list[dict]], DataRepor
     splits = build_datasets(tokenizer, sources["train"], sources["val"], config["max_length"], seed=config["seed"], test=sources["test"],
                             fields=config["fields"], skip_bad_rows=config["skip_bad_rows"], val_fraction=sources["val_fraction"], test_fraction=sources["test_fraction"],
                             clean_data=config["clean_data"], drop_long=config["drop_long"], augmentation=config["augmentation"],
-                            augment_p=config["augment_p"], task_weights=config["task_weights"])
+                            augment_p=config["augment_p"], task_weights=config["task_weights"],
+                            task_temperature=config["task_temperature"])
     tokens = lambda split: [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in split]
     train, val = tokens(splits["train"]), tokens(splits["val"].select(range(min(config["eval_rows"], len(splits["val"])))))
     if config["packing"]: train, val = pack_rows(train, config["max_length"]), pack_rows(val, config["max_length"])
@@ -210,6 +212,7 @@ def build_trainer(config:dict, model, tokenizer, rows:dict, device:torch.device,
     logs.append(Checkpointer(out / "checkpoints", config["save_steps"], config["keep_last"]))  # every rank joins in; rank 0 writes
     if config["eval_steps"]: logs.append(EvalEvery(config["eval_steps"]))
     views = [ProgressBar()] if config["progress"] and parallel.is_main else []
+    if config["quant_aware_steps"]: monitors.append(QuantAwareSteps(config["quant_aware_steps"]))  # see `quant_aware`
     collate = make_packed_collator(tokenizer) if config["packing"] else make_collator(tokenizer)
     return Trainer(model, rows["train"], collate, eval_data=rows["val"], callbacks=[*monitors, *logs, *views, *callbacks],
                    batch_size=config["batch_size"], grad_accum=config["grad_accum"], max_steps=config["max_steps"],
@@ -245,6 +248,10 @@ def run_environment(config:dict, device:torch.device, dtype:torch.dtype, model) 
             "defaults": {key: setting.default for key, setting in SETTINGS.items()}}
 
 # %% ../nbs/06c_recipe.ipynb #765fe9ef
+def deployed_model(model, config:dict):
+    "What a trained model is meant to run as: itself, or after quant-aware steps its adapters merged into NF4 (`quant_aware.merge_nf4`), a copy."
+    return merge_nf4(model) if config["quant_aware_steps"] else model
+
 class Run:
     "A training run: config, model, tokenizer, rows and trainer, and the run directory it alone writes."
     def __init__(self, config:dict, model, tokenizer, rows:dict, trainer:Trainer, device:torch.device, dtype:torch.dtype,
@@ -282,7 +289,8 @@ class Run:
     def evaluate(self, rows:list[dict]|None=None) -> dict:
         "The test rows (the run's when None) scored by their tasks' metrics, and perplexity; rank 0's work, and every rank's under FSDP."
         if not (self.parallel.is_main or self.parallel.shard == "fsdp"): return {}  # the others go on to train, and wait there
-        with compute_threads(self.config["threads"]), self.kernels(), unsharded_root(self.trainer.loss_module): return evaluate_model(self.model, self.tokenizer, self.config, self.rows["test"] if rows is None else rows)
+        model = deployed_model(self.model, self.config) if self.trainer.step else self.model
+        with compute_threads(self.config["threads"]), self.kernels(), unsharded_root(self.trainer.loss_module): return evaluate_model(model, self.tokenizer, self.config, self.rows["test"] if rows is None else rows)
 
     def fit(self) -> Run:
         "Train up to max_steps; after a stop, go back to the last good checkpoint; then save."
@@ -409,5 +417,5 @@ def evaluate_run(run_dir:str|Path,  # a finished run's directory
     with use_kernels(cpu_kernels=config["cpu_kernels"], decode_kernel=config["decode_kernel"]):
         before = evaluate_model(model, tokenizer, config, rows["test"], blocklist)
         load_trainable(model, run_dir / "adapter")
-        after = evaluate_model(model, tokenizer, config, rows["test"], blocklist)
+        after = evaluate_model(deployed_model(model, config), tokenizer, config, rows["test"], blocklist)
     return {"config": config, "before": before, "after": after}

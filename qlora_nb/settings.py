@@ -118,6 +118,7 @@ PREPARE_SETTINGS = _group("data preparation",
     ("augmentation", "choice_or_none", None, ("paraphrase", "noise"), "add an augmented copy of each training prompt"),
     ("augment_p", "float", 0.3, (0.0, 1.0), "probability per word of an augmentation"),
     ("task_weights", "mapping_or_none", None, "number", "resample training rows per task, e.g. {add_numbers: 2, uppercase: 0.5}"),
+    ("task_temperature", "float_or_none", None, (0.01, 1e6), "temperature sampling by task: shares follow rows**(1/T) (1: as they come, 2: square roots, large: uniform)"),
     ("packing", "bool", False, None, "pack several rows into each sequence, each attending only to itself"),
 )
 
@@ -150,6 +151,7 @@ TRAINING_SETTINGS = _group("training",
     ("dtype", "choice", "auto", ("auto", "fp32", "bf16"), "compute dtype ('auto': bf16 only where fast)"),
     ("device", "choice", "auto", ("auto", "cpu", "cuda", "mps"), "where to train"),
     ("gradient_checkpointing", "bool", False, None, "recompute activations in backward to save memory"),
+    ("quant_aware_steps", "int", 0, (0, 10**7), "last steps that train through the merged adapter re-quantized to NF4, so the NF4 export is exactly the trained model (0: off)"),
     ("shard", "choice", "none", ("none", "fsdp"), "with several processes: none (each holds the model, DDP averages the LoRA gradients) or fsdp (FSDP2 shards each layer)"),
     ("eval_steps", "int_or_none", 50, (1, 10**7), "eval loss every this many steps (null: only at the end)"),
     ("eval_rows", "int", 120, (1, 10**7), "validation rows for the eval loss"),
@@ -190,6 +192,11 @@ def check_combination(config:dict):
     "ValueError when settings that are each allowed contradict each other."
     if config["method"] == "full" and config["quant"] != "none":
         raise ValueError(f"method='full' trains every weight, which a {config['quant']} base cannot: set quant: none, or pick another method")
+    if config["quant_aware_steps"] and (config["quant"] != "nf4" or config["method"] not in ("lora", "rslora")):
+        raise ValueError(f"quant_aware_steps={config['quant_aware_steps']} trains LoRA through the NF4 grid: it needs quant: nf4 and method "
+                         f"lora or rslora, not quant: {config['quant']} and method: {config['method']}")
+    if config["quant_aware_steps"] > config["max_steps"]:
+        raise ValueError(f"quant_aware_steps={config['quant_aware_steps']} is more than max_steps={config['max_steps']}: it counts the last steps of the run")
     if config["val"] == "auto" and config["data"] != "train" and config["val_fraction"] == 0:
         raise ValueError("val='auto' holds out val_fraction of the data file, and val_fraction=0 holds out nothing: "
                          "raise val_fraction, pass a val file, or set val: null")

@@ -28,7 +28,7 @@ def trained_run(tmp_path_factory, embedded_subset):
 
 @pytest.fixture(scope="module")
 def exported(trained_run):
-    return export_run(trained_run, kinds=EXPORT_KINDS)
+    return export_run(trained_run, kinds=EXPORT_KINDS, allow_output_problems=True)  # six steps on a random model: its answers loop
 
 
 def test_the_adapter_was_trained(trained_run):
@@ -113,7 +113,7 @@ def test_a_run_without_quantization_exports_merged(tmp_path):
     from qlora_nb.testing import fake_run
     run = fake_run(tmp_path / "run", quant="none")
     assert run_settings(run)["quant"] == "none"
-    report = export_run(run, tmp_path / "out", kinds="merged")
+    report = export_run(run, tmp_path / "out", kinds="merged", check_outputs=0)
     assert list(report["exports"]) == ["merged"] and report["exports"]["merged"]["check"]["rel_diff"] < 1e-5
     assert not (tmp_path / "out" / "nf4").exists()
 
@@ -124,9 +124,9 @@ def test_a_failed_export_leaves_no_scratch_folder(trained_run, tmp_path, monkeyp
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(ValueError, match="the nf4 export does not reproduce the run's logits"):
-        export_run(trained_run, tmp_path / "failing", kinds="nf4", rtol={"nf4": -1.0})
+        export_run(trained_run, tmp_path / "failing", kinds="nf4", rtol={"nf4": -1.0}, check_outputs=0)
     assert list(scratch.iterdir()) == []
-    export_run(trained_run, tmp_path / "ok", kinds="nf4", verify=False)
+    export_run(trained_run, tmp_path / "ok", kinds="nf4", verify=False, check_outputs=0)
     assert list(scratch.iterdir()) == [] and (tmp_path / "ok" / "nf4" / "model.safetensors").is_file()
 
 
@@ -180,7 +180,7 @@ def test_gguf_metadata_is_what_llama_cpp_reads(exported):
 def test_gguf_q8_0_from_the_command_line(trained_run, tmp_path, capsys):
     import gguf
     from transformers import AutoModelForCausalLM
-    assert export_main([str(trained_run), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path)]) == 0
+    assert export_main([str(trained_run), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path), "--check-outputs", "0"]) == 0
     assert "gguf: " in capsys.readouterr().out
     path = tmp_path / "gguf" / "model-q8_0.gguf"
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}

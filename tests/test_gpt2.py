@@ -188,7 +188,7 @@ def test_bitfit_on_a_4bit_base_reports_its_biases(folder):
 def test_a_gpt2_run_exports_every_way(folder, tmp_path):
     from qlora_nb.export import EXPORT_KINDS, export_run
     from qlora_nb.testing import fake_run
-    report = export_run(fake_run(tmp_path / "run", model=str(folder)), tmp_path / "export", gguf_type="q8_0")
+    report = export_run(fake_run(tmp_path / "run", model=str(folder)), tmp_path / "export", gguf_type="q8_0", check_outputs=0)
     assert sorted(report["exports"]) == sorted(EXPORT_KINDS)
     for kind, entry in report["exports"].items(): assert entry["check"]["argmax_agreement"] == 1.0, kind
     assert report["exports"]["merged"]["check"]["rel_diff"] < 1e-5 and report["exports"]["adapter"]["check"]["max_abs_diff"] < 1e-5

@@ -16,6 +16,14 @@ SMALL = {
     "01_quant_study": {"quant_types": ["nf4", "fp4", "int4", "int8"], "blocksizes": [64, 256], "n_random": 4096, "max_layers": 2},
     "02_finetune": {"max_steps": 4, "eval_steps": 2, "em_examples": 2, "batch_size": 2, "max_length": 32, "lr": 1e-2},
     "03_methods": {"methods": ["lora", "dora", "qlora", "bitfit"], "max_steps": 3, "batch_size": 2, "max_length": 32},
+    "04_continual": {"model": "tiny", "steps_per_stage": 2, "batch_size": 2, "eval_rows": 1, "fisher_rows": 2, "ppl_tokens": 32,
+                     "max_length": 48, "max_new_tokens": 4},
+    "08_task_temperature": {"model": "tiny", "max_steps": 2, "batch_size": 2, "max_length": 48, "test_rows": 2, "small_rows": 4},
+    "07_meta_init": {"model": "tiny", "meta_steps": 2, "inner_steps": 2, "adapt_steps": 2, "shots": 4, "test_rows": 2, "max_length": 32},
+    "06_rank_allocation": {"model": "tiny", "tasks": ["uppercase", "last_word"], "target_r": 2, "initial_r": 3, "big_r": 4, "steps": 6,
+                           "batch_size": 2, "interval": 2, "max_length": 32, "test_rows_per_task": 2},
+    "05_quant_aware": {"model": "tiny", "tasks": ["uppercase", "last_word"], "steps": 4, "quant_aware_steps": 2, "eval_rows_per_task": 2,
+                       "max_new_tokens": 4, "batch_size": 4, "max_length": 32, "lr": 1e-2},
 }
 
 
@@ -101,4 +109,67 @@ def check_methods(metrics, out, nb):
     assert by["bitfit"]["trainable_params"] < by["lora"]["trainable_params"] < by["dora"]["trainable_params"]
 
 
-CHECKS = {"01_quant_study": check_quant_study, "02_finetune": check_finetune, "03_methods": check_methods}
+def check_meta_init(metrics, out, nb):
+    assert metrics["multi_task_steps"] == metrics["meta_steps"] * metrics["inner_steps"] == 4  # the same number of steps for both
+    assert not set(metrics["held_out"]) & set(metrics["meta_tasks"]) and len(metrics["meta_tasks"]) == 12
+    assert [(r["task"], r["start"]) for r in metrics["rows"]] == [(t, s) for t in metrics["held_out"] for s in ("zero init", "multi-task", "meta init")]
+    for r in metrics["rows"]: assert 0 <= r["em_before"] <= 1 and 0 <= r["em_after"] <= 1, r
+    assert metrics["goal_met"] == (metrics["mean_em_after"]["meta init"] > metrics["mean_em_after"]["zero init"])
+    config = json.loads((out / "meta_init" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and (out / "meta_init" / "adapter_model.safetensors").is_file()
+
+
+def check_rank_allocation(metrics, out, nb):
+    small, big, allocated = metrics["results"]
+    assert [r["adapter"] for r in metrics["results"]] == ["uniform r=2", "uniform r=4", "allocated"]
+    assert 0 < allocated["trainable_params"] <= small["trainable_params"] < big["trainable_params"]  # the budget held
+    assert allocated["params_while_training"] > small["trainable_params"]  # it started at 1.5x
+    assert metrics["budget_history"][-1]["budget"] == small["trainable_params"] >= metrics["budget_history"][-1]["cost"]
+    for r in metrics["results"]: assert 0 <= r["exact_match"] <= 1 and math.isfinite(r["final_loss"]), r
+    assert metrics["goal_met"] == (metrics["goal_same_params"] or metrics["goal_like_big"])
+    config = json.loads((out / "adapter_allocated" / "adapter_config.json").read_text())
+    assert sum(metrics["final_ranks"].values()) == sum(config["rank_pattern"].get(n, config["r"]) for n in config["target_modules"])
+    titles = [f["layout"]["title"]["text"] for f in plotly_outputs(nb)]
+    assert any(t.startswith("Allocated ranks") for t in titles)
+
+
+def check_quant_aware(metrics, out, nb):
+    assert metrics["steps"] == 4 and metrics["quant_aware_steps"] == 2 and metrics["test_rows"] == 4
+    assert metrics["quant_aware_logits_equal"] is True  # the merged NF4 model is the quant-aware training forward, to the bit
+    assert len(metrics["forms"]) == 8 and all(0 <= r["exact_match"] <= 1 for r in metrics["forms"])
+    assert len(metrics["losses"]["naive"]) == len(metrics["losses"]["quant_aware"]) == 4
+    assert metrics["goal_met"] == (metrics["naive_requant_loss"] > 0 and metrics["quant_aware_loss"] <= metrics["naive_requant_loss"] / 3)
+    titles = [f["layout"]["title"]["text"] for f in plotly_outputs(nb)]
+    assert any(t.startswith("Held-out exact-match by deployed form") for t in titles)
+
+
+def check_task_temperature(metrics, out, nb):
+    assert metrics["counts"] == {"uppercase": 200, "km_to_m": 200, "last_word": 200, "weekday_after": 4, "reverse_words": 4}
+    shares = metrics["expected_shares"]
+    assert shares["T=1"]["uppercase"] == pytest.approx(200 / 608) and shares["uniform"]["reverse_words"] == pytest.approx(0.2)
+    assert shares["T=1"]["reverse_words"] < shares["T=3"]["reverse_words"] < shares["uniform"]["reverse_words"]
+    assert list(metrics["results"]) == ["T=1", "T=3", "uniform"]
+    for name, result in metrics["results"].items():
+        assert set(result["exact_match_per_task"]) == set(result["main_metric_per_task"]) == set(metrics["counts"]), name
+        assert all(0 <= v <= 1 for v in result["exact_match_per_task"].values()), name
+        run = json.loads((out / "runs" / name.replace("=", "") / "config.json").read_text())
+        assert run["task_temperature"] == {"T=1": 1.0, "T=3": 3.0, "uniform": None}[name]
+
+
+def check_continual(metrics, out, nb):
+    assert list(metrics["results"]) == ["naive", "replay", "ewc", "task_arithmetic", "ties"] and metrics["steps_per_stage"] == 2
+    tasks = [t for stage in metrics["stages"] for t in stage]
+    assert len(tasks) == len(set(tasks)) == 15 and [len(stage) for stage in metrics["stages"]] == [5, 5, 5]
+    for name, r in metrics["results"].items():
+        assert len(r["matrix"]) == 3 and all(len(row) == 3 and all(0 <= v <= 1 for v in row) for row in r["matrix"]), name
+        assert len(r["perplexity"]) == 3 and all(p > 1 for p in r["perplexity"]), name
+        assert r["average_forgetting"] == pytest.approx(sum(max(r["matrix"][i][j] for i in range(2)) - r["matrix"][2][j] for j in range(2)) / 2)
+        if name != "ties": assert r["matrix"][0] == metrics["results"]["naive"]["matrix"][0], name  # the shared first stage
+    assert metrics["goal"]["judged"] == (metrics["results"]["naive"]["average_forgetting"] > 0)
+    titles = [f["layout"]["title"]["text"] for f in plotly_outputs(nb)]
+    assert any(t.startswith("Forgetting matrices") for t in titles)
+
+
+CHECKS = {"01_quant_study": check_quant_study, "02_finetune": check_finetune, "03_methods": check_methods, "07_meta_init": check_meta_init, "08_task_temperature": check_task_temperature,
+          "06_rank_allocation": check_rank_allocation, "05_quant_aware": check_quant_aware,
+          "04_continual": check_continual}

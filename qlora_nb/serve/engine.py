@@ -42,7 +42,11 @@ def adapter_source(path:Path|str) -> tuple[Path, dict|None]:
     "The adapter folder of `path` (an adapter folder or a run directory), and the run's settings when it is a run."
     path = Path(path)
     if (path / "adapter_config.json").is_file(): return path, None
-    return run_adapter(path), run_config(path)
+    adapter, config = run_adapter(path), run_config(path)
+    if config["quant_aware_steps"]:  # its last steps trained the merged NF4 weights; the adapter alone is another model
+        raise ValueError(f"{path} was trained with quant_aware_steps={config['quant_aware_steps']}: it is meant to run merged into NF4, "
+                         f"not as an adapter; export it (qlora-nb export {path} --format nf4 --quant-aware) and load that NF4 checkpoint")
+    return adapter, config
 
 # %% ../../nbs/15_serve.engine.ipynb #f5b81943
 def read_adapter(name:str,  # the adapter's name, for error messages
@@ -57,6 +61,9 @@ def read_adapter(name:str,  # the adapter's name, for error messages
     if config.use_dora or config.modules_to_save:
         raise ValueError(f"adapter {name!r}: use_dora={config.use_dora}, modules_to_save={config.modules_to_save} cannot be served "
                          "per row; only plain LoRA and rsLoRA can (merge this one into its own model instead)")
+    if config.rank_pattern or config.alpha_pattern:  # the batched step stacks one rank per adapter
+        raise ValueError(f"adapter {name!r}: its modules have ranks or alphas of their own (rank_pattern, alpha_pattern, e.g. from "
+                         "rank allocation), which the batched server cannot serve yet; merge it into its own model instead")
     targets = set(find_targets(model, config))
     tensors = {}
     for key, tensor in load_file(folder / "adapter_model.safetensors", device="cpu").items():
