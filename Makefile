@@ -64,10 +64,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check --quiet --select F,E9 qlora_nb tests bench data
 
 # `slow` cells (the real 135M model) run here too; `cuda` cells only where a GPU is. Two notebooks run at once,
-# one thread each: the tiny model's matrices gain nothing from a second thread on a busy core.
+# one thread each: the tiny model's matrices gain nothing from a second thread on a busy core. The tutorials are
+# left to tests/test_tutorials.py, which runs each with small parameters and checks what it wrote: at their defaults
+# several train SmolLM2-135M for about 10 minutes each.
 NBTEST_FLAGS := slow $(shell command -v nvidia-smi >/dev/null && echo cuda)
 nbtest: $(STAMP) model
-	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))"
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))" \
+	  --skip_folder_re '^([_.]|tutorials$$)'
 
 pytest: $(STAMP) model browser redis
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q -ra
