@@ -17,7 +17,7 @@ from .methods import load_trainable_state, trainable_state
 from .trainer import Trainer
 
 # %% auto #0
-__all__ = ['rows_by_task', 'few_shot', 'train_steps', 'reptile_update', 'reptile', 'adapt']
+__all__ = ['rows_by_task', 'few_shot', 'train_steps', 'constant_lr_trainer', 'reptile_update', 'reptile', 'adapt']
 
 # %% ../nbs/19_meta.ipynb #14128aaa
 def rows_by_task(rows:Sequence[dict]) -> dict[str, list[dict]]:
@@ -37,9 +37,13 @@ def train_steps(model:nn.Module, rows:Sequence[dict], collate_fn:Callable,
                 eval_rows:Sequence[dict]|None=None,  # rows for the eval loss (`trainer.evaluate()`)
                 **trainer_kwargs) -> Trainer:
     "Train the model's trainable parameters for `steps` updates on `rows` at a constant `lr`; return the trainer."
-    trainer = Trainer(model, list(rows), collate_fn, eval_data=list(eval_rows or []), batch_size=batch_size, max_steps=steps, lr=lr,
-                      schedule="constant", warmup_steps=0, seed=seed, **trainer_kwargs)
-    return trainer.fit()
+    return constant_lr_trainer(model, rows, collate_fn, steps, lr, batch_size, seed, eval_rows, **trainer_kwargs).fit()
+
+def constant_lr_trainer(model:nn.Module, rows:Sequence[dict], collate_fn:Callable, steps:int, lr:float, batch_size:int=4, seed:int=0,
+                        eval_rows:Sequence[dict]|None=None, **trainer_kwargs) -> Trainer:
+    "A `Trainer` for `steps` updates on `rows` at a constant `lr`, no warmup, a fresh AdamW: the inner loop and the adaptation both."
+    return Trainer(model, list(rows), collate_fn, eval_data=list(eval_rows or []), batch_size=batch_size, max_steps=steps, lr=lr,
+                   schedule="constant", warmup_steps=0, seed=seed, **trainer_kwargs)
 
 # %% ../nbs/19_meta.ipynb #80296f39
 def reptile_update(init:dict[str, torch.Tensor], adapted:list[dict[str, torch.Tensor]], step_size:float) -> dict[str, torch.Tensor]:
@@ -73,8 +77,7 @@ def adapt(model:nn.Module, init:dict[str, torch.Tensor], shots:Sequence[dict], c
           **trainer_kwargs) -> dict:
     "Adapt from `init` on `shots`; return the eval loss (and score) before and after."
     load_trainable_state(model, init)
-    trainer = Trainer(model, list(shots), collate_fn, eval_data=list(eval_rows), batch_size=batch_size, max_steps=steps, lr=lr,
-                      schedule="constant", warmup_steps=0, seed=seed, **trainer_kwargs)
+    trainer = constant_lr_trainer(model, shots, collate_fn, steps, lr, batch_size, seed, eval_rows, **trainer_kwargs)
     result = {"loss_before": (trainer.evaluate() or {}).get("eval_loss"), "score_before": score(model) if score else None}
     trainer.fit()
     return {**result, "loss_after": (trainer.evaluate() or {}).get("eval_loss"), "score_after": score(model) if score else None}
