@@ -119,7 +119,8 @@ def config_from_args(args:argparse.Namespace) -> dict:
     return resolve_config(file_values, overrides)
 
 # %% ../nbs/06d_cli.ipynb #295c3e07
-METHOD_NAMES = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "adapter": "bottleneck adapters", "bitfit": "BitFit", "full": "full fine-tuning"}
+METHOD_NAMES = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "adapter": "bottleneck adapters", "bitfit": "BitFit", "full": "full fine-tuning",
+                "adalora": "AdaLoRA"}
 
 def _origin(config:dict, split:str) -> str:
     "Where the rows of `split` ('val' or 'test') come from, in words."
@@ -145,6 +146,7 @@ def model_line(run) -> str:
     "The model, how it is stored, what trains, where, in which dtype and why."
     config, method = run.config, METHOD_NAMES[run.config["method"]]
     if config["method"] in ("lora", "rslora", "dora"): method += f" r={config['lora_r']}"
+    if config["method"] == "adalora": method += f" r={config['lora_r']} -> mean {config['target_r']}"
     return (f"model {config['model']} ({config['quant']}, {method}) on {run.device} in {str(run.dtype).removeprefix('torch.')}"
             f" ({dtype_words(run)}): {trainable_report(run.model)}")
 
@@ -195,6 +197,8 @@ def output_lines(before:dict|None, after:dict) -> list[str]:
 def train(config:dict, resume:bool=False, overwrite:bool=False, print_fn=print) -> dict:
     "Run the whole job for `config` and print what happens; return the run's summary."
     datasets.disable_progress_bars()  # tokenizing is quick; the job shows training's and the evaluations' bars
+    if config.get("stages") is not None:  # a run of several stages: see `stages`
+        return importlib.import_module("qlora_nb.stages").train_stages(config, resume=resume, overwrite=overwrite, print_fn=print_fn)
     run = build(config, resume=resume, overwrite=overwrite)
     if not run.parallel.is_main: print_fn = lambda line: None  # rank 0 speaks for the run
     for line in data_lines(run) + [model_line(run)]: print_fn(line)
@@ -237,6 +241,8 @@ def main(argv:list[str]|None=None) -> int:
                 return 0
             config = config_from_args(args)  # checked before any process starts
             request = launch_request(args)
+            if request is not None and config["stages"] is not None:
+                raise ValueError("stages trains in one process: drop --nproc (or --nnodes)")
             if request is not None: return launch(worker_argv(argv), **request)
             train(config, resume=args.resume, overwrite=args.overwrite)
         except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError is a ValueError

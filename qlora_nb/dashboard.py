@@ -19,15 +19,16 @@ from .core import check_in, check_range
 from .runlog import LogTail, RunData, Series, as_number
 from .settings import SETTINGS, Setting, check_setting, resolve_config
 from .recipe import build, check_inputs, fit_and_evaluate, lora_config
+from .rank_allocation import rank_grid, rank_heatmap
 from .callback.control import TrainingControl
 
 # %% auto #0
 __all__ = ['RANK_KEYS', 'PALETTE', 'PANELS', 'RANK_PALETTE', 'DATA_REPORT_FILE', 'FORM_SETTINGS', 'DASHBOARD_DEFAULTS',
-           'Throttle', 'RankRunData', 'training_figure', 'add_rank_traces', 'PlotTraces', 'TrainingPlots',
-           'alerts_html', 'read_data_report', 'data_report_html', 'ShownRun', 'RunPolling', 'RunFollowing',
-           'RunSelection', 'RunDashboard', 'format_value', 'parse_value', 'setting_widget', 'FormChecks', 'RunForm',
-           'check_run_config', 'default_run_config', 'TrainingButtons', 'train_run', 'TrainingThread',
-           'TrainingDashboard']
+           'Throttle', 'RankRunData', 'LoRARankPanel', 'training_figure', 'add_rank_traces', 'PlotTraces',
+           'TrainingPlots', 'alerts_html', 'read_data_report', 'data_report_html', 'ShownRun', 'RunPolling',
+           'RunFollowing', 'RunSelection', 'RunDashboard', 'format_value', 'parse_value', 'setting_widget',
+           'FormChecks', 'RunForm', 'check_run_config', 'default_run_config', 'TrainingButtons', 'train_run',
+           'TrainingThread', 'TrainingDashboard']
 
 # %% ../nbs/07_dashboard.ipynb #e1d2b139
 class Throttle:
@@ -52,6 +53,14 @@ class RankRunData(RunData):
     def reset(self):
         super().reset()
         self.rank_series = {}  # (kind, rank) -> Series
+        self.lora_ranks = None  # the latest `lora_ranks` event of an adalora run: {'step', 'budget', 'cost', 'ranks', 'unit'}
+        self.max_lora_rank = 0  # the largest rank seen, the top of the heatmap's colour scale
+
+    def add(self, record:dict):
+        super().add(record)
+        if record.get("type") == "event" and record.get("event") == "lora_ranks" and isinstance(record.get("ranks"), dict):
+            self.lora_ranks = record
+            self.max_lora_rank = max(self.max_lora_rank, *record["ranks"].values(), 1)
 
     def _add_step(self, record:dict):
         super()._add_step(record)
@@ -65,6 +74,27 @@ class RankRunData(RunData):
     def ranks(self) -> int:
         "How many ranks the step records gave numbers for: 0 for a single-process run."
         return max((rank + 1 for _, rank in self.rank_series), default=0)
+
+# %% ../nbs/07_dashboard.ipynb #246f7487
+class LoRARankPanel:
+    "A heatmap of the first run's latest LoRA ranks (an adalora run's `lora_ranks` events), shown only when there are some."
+    def __init__(self):
+        self.widget, self.fig, self.drawn = widgets.VBox([]), None, None
+
+    def render(self, run:RunData|None) -> bool:
+        "Redraw when the run's latest allocation changed; True when redrawn."
+        event = getattr(run, "lora_ranks", None)
+        if event is self.drawn: return False
+        if event is None: self.widget.children, self.drawn = (), None; return True
+        _, _, grid = rank_grid(event["ranks"])
+        title = f"LoRA rank per layer and module: step {event['step']}, {event['cost']:,} of {event['budget']:,.0f} {event['unit']}"
+        if self.fig is None: self.fig = go.FigureWidget(rank_heatmap(event["ranks"], title, zmax=run.max_lora_rank))
+        else:
+            with self.fig.batch_update():
+                self.fig.data[0].z, self.fig.data[0].text, self.fig.data[0].zmax = grid, grid, run.max_lora_rank
+                self.fig.layout.title.text = title
+        self.widget.children, self.drawn = (self.fig,), event
+        return True
 
 # %% ../nbs/07_dashboard.ipynb #61464e85
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
@@ -281,6 +311,7 @@ class RunPolling:
             if not (force or self.throttle.ready()): return False
             cost = time.thread_time()
             self.plots.render(data)
+            self.rank_panel.render(data[0] if data else None)
             self.status.value = "<br>".join(html.escape(d.summary()) for d in data) or "no run open"
             self.alerts.value = alerts_html(data)
             self.data_report.value = "".join(data_report_html(shown.report, shown.data.name) for shown in self.runs)
@@ -358,7 +389,7 @@ class RunDashboard(RunSelection):
                  interval:float=0.5,  # seconds between redraws at least
                  max_points:int=1000,  # points kept per series and run
                  max_overhead:float=0.01):  # redraws take at most this fraction of one core's time
-        self.plots, self.throttle = TrainingPlots(max_runs), Throttle(interval)
+        self.plots, self.throttle, self.rank_panel = TrainingPlots(max_runs), Throttle(interval), LoRARankPanel()
         self.max_runs, self.interval, self.max_points = max_runs, interval, max_points
         self.max_overhead = check_range(max_overhead, "max_overhead", low=0, low_open=True, high=1)
         self.runs: list[ShownRun] = []
@@ -383,16 +414,16 @@ class RunDashboard(RunSelection):
 
     @property
     def widget(self) -> widgets.Widget:
-        "The whole view: run directory bar, status, alerts, data reports and plots."
-        return widgets.VBox([self.run_bar, self.status, self.alerts, self.data_report, self.plots.fig])
+        "The whole view: run directory bar, status, alerts, data reports, plots, and an adalora run's rank heatmap."
+        return widgets.VBox([self.run_bar, self.status, self.alerts, self.data_report, self.plots.fig, self.rank_panel.widget])
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
 
 # %% ../nbs/07_dashboard.ipynb #4226a50d
-FORM_SETTINGS = ("model", "data", "quant", "blocksize", "double_quant", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-                 "lr", "max_steps", "batch_size", "max_length", "seed",
+FORM_SETTINGS = ("model", "data", "method", "quant", "blocksize", "double_quant", "lora_r", "target_r", "lora_alpha",
+                 "lora_dropout", "target_modules", "lr", "max_steps", "batch_size", "max_length", "seed",
                  "attention", "recompute", "cpu_kernels", "decode_kernel", "loss_chunk_size")  # the dashboard's, in order
 
 def format_value(value) -> str:

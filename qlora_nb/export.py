@@ -78,8 +78,8 @@ INFERENCE_SETTINGS = {"attention": "auto", "recompute": False, "decode_kernel": 
 def load_run_model(run_dir:Path|str, base:str|None=None, device:str|torch.device="cpu"):
     "The run's model (quantized as in training, fp32 compute) with its trained adapter loaded, and the tokenizer."
     adapter, config = run_adapter(run_dir), run_config(run_dir, base)
-    model, tokenizer = build_model({**config, **INFERENCE_SETTINGS}, torch.device(device), torch.float32)
-    load_adapter(model, adapter)  # over the fresh LoRA of the same shape
+    model, tokenizer = build_model({**config, **INFERENCE_SETTINGS}, torch.device(device), torch.float32, training=False)
+    load_adapter(model, adapter)  # over the fresh LoRA of the same shape (an adalora run's: onto the bare base)
     return model.eval(), tokenizer
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .core import compute_dtype, data_dir, default_device, dtype_calibration, machine_info, write_json_atomic
+from .core import compute_dtype, data_dir, default_device, dtype_calibration, machine_info, set_seed, write_json_atomic
 from .models import BUILTIN, load_base, load_tokenizer, resolve_model_path
 from .kernels import use_kernels
 from .quant_linear import quantize_model
@@ -26,6 +26,7 @@ from .callback.threads import ThreadGovernor, compute_threads
 from .distributed import Parallel, RankMonitor, full_parameters, restart_count, start_process_group, unsharded_root
 from .trainer import Checkpointer, EvalEvery, Trainer, fingerprint_diff, latest_checkpoint
 from .quant_aware import QuantAwareSteps, merge_nf4
+from .rank_allocation import BudgetGuard, RankAllocator, add_svd_lora, as_lora, uniform_budget
 from .callback.monitor import GradientMonitor, ProgressBar, StabilityMonitor, ThroughputMonitor
 from .metrics import evaluate_rows, perplexity
 from .settings import SETTINGS, load_config_file, resolve_config
@@ -33,9 +34,10 @@ from .settings import SETTINGS, load_config_file, resolve_config
 # %% auto #0
 __all__ = ['RUN_FILES', 'FINGERPRINT_KEYS', 'fingerprint', 'check_resumable', 'check_run_dir', 'clear_run_dir',
            'keep_global_batch', 'elastic_resume', 'data_sources', 'spread_over_tasks', 'build_rows', 'resolve_device',
-           'lora_config', 'quant_storage', 'build_model', 'general_text_path', 'evaluate_model', 'build_trainer',
-           'git_commit', 'run_environment', 'deployed_model', 'Run', 'evaluation_plan', 'evaluation_line',
-           'fit_and_evaluate', 'run_summary', 'check_inputs', 'build', 'evaluate_run']
+           'lora_config', 'quant_storage', 'add_run_method', 'build_model', 'general_text_path', 'evaluate_model',
+           'allocator_callbacks', 'save_run_adapter', 'build_trainer', 'git_commit', 'run_environment',
+           'deployed_model', 'Run', 'evaluation_plan', 'evaluation_line', 'fit_and_evaluate', 'run_summary',
+           'check_inputs', 'build', 'evaluate_run']
 
 # %% ../nbs/06c_recipe.ipynb #fb80f342
 RUN_FILES = ("config.json", "environment.json", "data_report.json", "run.jsonl", "checkpoints", "adapter", "report.html",
@@ -43,7 +45,8 @@ RUN_FILES = ("config.json", "environment.json", "data_report.json", "run.jsonl",
 FINGERPRINT_KEYS = ("model", "data", "val", "val_fraction", "fields", "skip_bad_rows", "clean_data", "drop_long", "augmentation", "augment_p",
                     "task_weights", "task_temperature", "packing", "method", "quant", "blocksize", "double_quant", "lora_r", "lora_alpha",
                     "lora_dropout", "target_modules", "max_length", "batch_size", "grad_accum", "max_steps", "lr",
-                    "weight_decay", "optimizer", "schedule", "warmup_steps", "min_lr_ratio", "max_norm", "seed", "dtype", "shard", "quant_aware_steps")
+                    "weight_decay", "optimizer", "schedule", "warmup_steps", "min_lr_ratio", "max_norm", "seed", "dtype", "shard", "quant_aware_steps",
+                    "target_r")
 
 def fingerprint(config:dict, world_size:int=1) -> dict:
     "The settings that determine the training trajectory; a resumed run must match them. `grad_accum` counts every process's micro-batches."
@@ -153,7 +156,7 @@ def resolve_device(config:dict) -> tuple[torch.device, torch.dtype]:
 def lora_config(config:dict) -> LoRAConfig:
     "The run's LoRA settings, with the variant its `method` names (rsLoRA, DoRA)."
     return LoRAConfig(r=config["lora_r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-                      target_modules=config["target_modules"], **method_setup(config["method"])[1])
+                      target_modules=config["target_modules"], **({} if config["method"] == "adalora" else method_setup(config["method"])[1]))
 
 # %% ../nbs/06c_recipe.ipynb #e5f63527
 def quant_storage(config:dict, dtype:torch.dtype) -> torch.dtype|str:
@@ -161,8 +164,19 @@ def quant_storage(config:dict, dtype:torch.dtype) -> torch.dtype|str:
     if config["quant_storage"] != "auto": return config["quant_storage"]
     return dtype if config["shard"] == "fsdp" else torch.uint8
 
+def add_run_method(model, config:dict,
+                   training:bool=True,  # False: an adalora base stays bare, for its saved adapter (plain LoRA) to add its layers
+                  ):
+    "Set `model` up, from the seed, for the run's `method`: `methods.add_method`, or for adalora SVD-form LoRA (`rank_allocation`)."
+    if config["method"] != "adalora": return add_method(model, method_setup(config["method"])[0], lora_config(config), seed=config["seed"])
+    if training:
+        set_seed(config["seed"])
+        add_svd_lora(model, r=config["lora_r"], alpha=config["lora_alpha"], target_modules=config["target_modules"])
+    return model
+
 def build_model(config:dict,  # from `resolve_config`
                 device:torch.device|None=None, dtype:torch.dtype|None=None,  # `resolve_device(config)` when None
+                training:bool=True,  # False: for a finished run's adapter (see `add_run_method`)
                ):
     "The run's model and tokenizer: the base with its speed settings, quantized as configured, its method added from the seed."
     if device is None or dtype is None: device, dtype = resolve_device(config)
@@ -171,7 +185,7 @@ def build_model(config:dict,  # from `resolve_config`
     if config["quant"] != "none":
         quantize_model(model, quant_type=config["quant"], blocksize=config["blocksize"], double_quant=config["double_quant"],
                        skip=("lm_head",), decode_kernel=config["decode_kernel"], quant_storage=quant_storage(config, dtype))
-    add_method(model, method_setup(config["method"])[0], lora_config(config), seed=config["seed"])
+    add_run_method(model, config, training)
     return model.to(device), tokenizer
 
 # %% ../nbs/06c_recipe.ipynb #0430a8a1
@@ -196,6 +210,16 @@ def evaluate_model(model, tokenizer, config:dict, rows:list[dict],
     return result
 
 # %% ../nbs/06c_recipe.ipynb #d66ce122
+def allocator_callbacks(model, config:dict) -> list:
+    "AdaLoRA's `RankAllocator`, pruning to the parameters of a uniform LoRA of rank `target_r`, and the `BudgetGuard` that checks it."
+    allocator = RankAllocator(uniform_budget(model, config["target_r"]))
+    return [allocator, BudgetGuard(allocator)]
+
+def save_run_adapter(model, folder:Path, method:str) -> Path:
+    "Save what trained (`methods.save_trainable`); an adalora model as the plain LoRA it stands for, ranks in `rank_pattern`."
+    if method != "adalora": return save_trainable(model, folder, method, overwrite=True)
+    with as_lora(model): return save_trainable(model, folder, "lora", overwrite=True)
+
 def build_trainer(config:dict, model, tokenizer, rows:dict, device:torch.device, dtype:torch.dtype,
                   callbacks:list=(),  # added after the monitors, run log, checkpointer and evaluation
                   warn:bool=True,  # StabilityMonitor also warns through `warnings` (a dashboard shows its alerts instead)
@@ -213,6 +237,7 @@ def build_trainer(config:dict, model, tokenizer, rows:dict, device:torch.device,
     if config["eval_steps"]: logs.append(EvalEvery(config["eval_steps"]))
     views = [ProgressBar()] if config["progress"] and parallel.is_main else []
     if config["quant_aware_steps"]: monitors.append(QuantAwareSteps(config["quant_aware_steps"]))  # see `quant_aware`
+    if method == "adalora": monitors += allocator_callbacks(model, config)
     collate = make_packed_collator(tokenizer) if config["packing"] else make_collator(tokenizer)
     return Trainer(model, rows["train"], collate, eval_data=rows["val"], callbacks=[*monitors, *logs, *views, *callbacks],
                    batch_size=config["batch_size"], grad_accum=config["grad_accum"], max_steps=config["max_steps"],
@@ -220,7 +245,7 @@ def build_trainer(config:dict, model, tokenizer, rows:dict, device:torch.device,
                    warmup_steps=config["warmup_steps"], min_lr_ratio=config["min_lr_ratio"], max_norm=config["max_norm"],
                    seed=config["seed"], device=device, dtype=dtype, gradient_checkpointing=config["gradient_checkpointing"],
                    loss_chunk_size=config["loss_chunk_size"], run_dir=out, fingerprint=fingerprint(config, parallel.world_size),
-                   save_adapter=lambda model, folder: save_trainable(model, folder, method, overwrite=True), parallel=parallel)
+                   save_adapter=lambda model, folder: save_run_adapter(model, folder, method), parallel=parallel)
 
 # %% ../nbs/06c_recipe.ipynb #86e11b88
 def _package_version(name:str) -> str|None:
@@ -310,7 +335,7 @@ class Run:
         adapter = self.run_dir / "adapter"
         with full_parameters(self.trainer.loss_module):  # a sharded model's weights, whole
             if self.parallel.is_main:
-                save_trainable(self.model, adapter, self.config["method"], overwrite=True)
+                save_run_adapter(self.model, adapter, self.config["method"])
                 write_report(self.run_dir)
         return adapter
 
@@ -413,7 +438,7 @@ def evaluate_run(run_dir:str|Path,  # a finished run's directory
     config = resolve_config(load_config_file(run_dir / "config.json"), overrides)
     check_inputs(config)
     rows, _ = build_rows(config, load_tokenizer(config["model"]))
-    model, tokenizer = build_model(config)
+    model, tokenizer = build_model(config, training=False)
     with use_kernels(cpu_kernels=config["cpu_kernels"], decode_kernel=config["decode_kernel"]):
         before = evaluate_model(model, tokenizer, config, rows["test"], blocklist)
         load_trainable(model, run_dir / "adapter")

@@ -183,7 +183,7 @@ SERIES_KEYS = {  # written by: the trainer (loss, lr, grad_norm), ThroughputMoni
     "tokens_per_s": ("tokens_per_s",), "memory": ("peak_rss",), "cuda_memory": ("cuda_allocated",),
 }
 LAYER_NORMS_KEY = "module_grad_norms"  # GradientMonitor's {module name: pre-clip grad norm} in a step record
-ROUTINE_EVENTS = ("fit_start", "fit_end", "checkpoint", "resume")
+ROUTINE_EVENTS = ("fit_start", "fit_end", "checkpoint", "resume", "lora_ranks")  # not alerts
 
 def as_number(value) -> float|None:
     "A record value as a float: numbers, and the strings JSON uses for nan/inf; None for anything else."

@@ -14,9 +14,9 @@ from .methods import METHOD_CHOICES
 from .trainer import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
-__all__ = ['DATA_SETTINGS', 'PREPARE_SETTINGS', 'ADAPTER_SETTINGS', 'TRAINING_SETTINGS', 'SPEED_SETTINGS', 'EVAL_SETTINGS',
-           'SETTINGS', 'Setting', 'check_setting', 'check_combination', 'resolve_config', 'load_config_file',
-           'settings_markdown']
+__all__ = ['DATA_SETTINGS', 'PREPARE_SETTINGS', 'RUN_METHODS', 'ADAPTER_SETTINGS', 'TRAINING_SETTINGS', 'SPEED_SETTINGS',
+           'EVAL_SETTINGS', 'STAGE_SETTINGS', 'SETTINGS', 'Setting', 'check_setting', 'check_combination',
+           'resolve_config', 'load_config_file', 'settings_markdown']
 
 # %% ../nbs/05a_settings.ipynb #57f6ea41
 def _as_number(value, integer:bool, bad:Exception):
@@ -42,6 +42,16 @@ def _as_names(value, allowed:tuple, bad:Exception) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v in allowed for v in value): raise bad
     return list(dict.fromkeys(value))
 
+def _as_stages(value, bad:Exception) -> int|list[list[str]]:
+    "A number of stages (>= 2), or stages as lists of task names; which tasks exist is checked with the data."
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        count = _as_number(value, True, bad)
+        if count < 2: raise bad
+        return count
+    if not isinstance(value, list) or len(value) < 2: raise bad
+    if not all(isinstance(stage, list) and stage and all(isinstance(t, str) and t for t in stage) for stage in value): raise bad
+    return [list(stage) for stage in value]
+
 def _as_mapping(value, value_kind:str, bad:Exception) -> dict:
     "A non-empty mapping of names to strings ('str') or to numbers >= 0 ('number')."
     if not isinstance(value, dict) or not value or not all(isinstance(k, str) and k for k in value): raise bad
@@ -55,7 +65,7 @@ def _as_mapping(value, value_kind:str, bad:Exception) -> dict:
 class Setting:
     "One setting of a run: its kind, default, what it allows and what it does."
     name:str
-    kind:str  # 'str', 'int', 'float', 'bool', 'choice', 'choices', 'mapping' or 'str_or_list'; '_or_none' also allows null
+    kind:str  # 'str', 'int', 'float', 'bool', 'choice', 'choices', 'mapping', 'str_or_list' or 'stages'; '_or_none' also allows null
     default:object
     allowed:tuple|str|None  # choices of 'choice'/'choices', (low, high) of a number, 'str'/'number' values of a 'mapping'
     help:str
@@ -69,7 +79,8 @@ class Setting:
         words = {"str": "a string", "bool": "true or false", "str_or_list": "a string or a list of strings",
                  "choice": "one of " + ", ".join(map(repr, self.allowed or ())),
                  "choices": "a list of names from " + ", ".join(map(repr, self.allowed or ())),
-                 "mapping": f"a mapping of names to {'strings' if self.allowed == 'str' else 'numbers >= 0'}"}
+                 "mapping": f"a mapping of names to {'strings' if self.allowed == 'str' else 'numbers >= 0'}",
+                 "stages": "a number of stages >= 2, or a list of stages, each a list of task names"}
         text = words.get(self.base_kind) or f"{self.base_kind} in [{self.allowed[0]}, {self.allowed[1]}]"
         return text + (" or null" if self.kind.endswith("_or_none") else "")
 
@@ -82,6 +93,7 @@ class Setting:
         kind = self.base_kind
         if kind == "choices": return _as_names(value, self.allowed, bad)
         if kind == "mapping": return _as_mapping(value, self.allowed, bad)
+        if kind == "stages": return _as_stages(value, bad)
         numeric = kind in ("int", "float") or (kind == "choice" and isinstance(self.default, int))
         if numeric: value = _as_number(value, kind != "float", bad)
         elif kind == "bool": value = _as_bool(value, bad)
@@ -123,13 +135,16 @@ PREPARE_SETTINGS = _group("data preparation",
 )
 
 # %% ../nbs/05a_settings.ipynb #3fef5885
+RUN_METHODS = (*METHOD_CHOICES, "adalora")  # adalora: LoRA whose ranks move to where they matter (see `rank_allocation`)
+
 ADAPTER_SETTINGS = _group("quantization and adapter",
-    ("method", "choice", "lora", METHOD_CHOICES, "what trains: LoRA (or its rsLoRA, DoRA variants), bottleneck adapters, biases, or every weight"),
+    ("method", "choice", "lora", RUN_METHODS, "what trains: LoRA (or its rsLoRA, DoRA, AdaLoRA variants), bottleneck adapters, biases, or every weight"),
     ("quant", "choice", "nf4", ("nf4", "fp4", "none"), "4-bit format of the frozen base weights"),
     ("blocksize", "choice", 64, (32, 64, 128, 256, 512, 1024, 2048, 4096), "weights sharing one absmax"),
     ("double_quant", "bool", True, None, "quantize the absmax values too"),
     ("quant_storage", "choice", "auto", ("auto", "uint8", "fp32", "bf16", "fp16"), "dtype holding the packed 4-bit codes ('auto': uint8; with shard=fsdp the compute dtype, so FSDP shards them)"),
-    ("lora_r", "int", 16, (1, 1024), "LoRA rank"),
+    ("lora_r", "int", 16, (1, 1024), "LoRA rank (adalora: every module's rank at the start)"),
+    ("target_r", "int", 8, (1, 1024), "adalora: the mean rank the budget allows at the end, in parameters of a uniform LoRA of this rank"),
     ("lora_alpha", "float", 32.0, (1e-6, 1e6), "LoRA scale numerator (updates scale by alpha/r)"),
     ("lora_dropout", "float", 0.05, (0.0, 0.99), "dropout on the LoRA input"),
     ("target_modules", "str_or_list", "all-linear", None, "layers to adapt: 'all-linear', a regex or a list"),
@@ -180,13 +195,43 @@ EVAL_SETTINGS = _group("evaluation",
     ("ppl_window", "int", 256, (16, 32768), "perplexity window"),
     ("report_to", "choices", [], REPORTERS, "also log to these trackers, offline in the run directory"),
 )
-SETTINGS = {**DATA_SETTINGS, **PREPARE_SETTINGS, **ADAPTER_SETTINGS, **TRAINING_SETTINGS, **SPEED_SETTINGS, **EVAL_SETTINGS}
+
+# %% ../nbs/05a_settings.ipynb #82f6a33e
+STAGE_SETTINGS = _group("continual learning",
+    ("stages", "stages_or_none", None, None, "train the tasks in stages, one after another: a number (the tasks dealt out in a seeded order) or lists of task names (null: all at once)"),
+    ("stage_method", "choice", "naive", ("naive", "replay", "ewc", "task_arithmetic"), "how stages keep what earlier ones learned (see `continual`)"),
+    ("replay_share", "float", 0.25, (0.0, 0.99), "replay: the share of each batch drawn from earlier stages' rows"),
+    ("replay_buffer", "int", 200, (1, 10**7), "replay: the most earlier rows kept"),
+    ("ewc_lambda", "float", 1e4, (0.0, 1e12), "ewc: the weight of the penalty on moving weights earlier stages need"),
+    ("fisher_rows", "int", 16, (1, 10**6), "ewc: rows whose gradients estimate each stage's Fisher"),
+)
+SETTINGS = {**DATA_SETTINGS, **PREPARE_SETTINGS, **ADAPTER_SETTINGS, **TRAINING_SETTINGS, **SPEED_SETTINGS, **EVAL_SETTINGS, **STAGE_SETTINGS}
 
 # %% ../nbs/05a_settings.ipynb #9f0909cb
 def check_setting(key:str, value, source:str="config"):
     "The value of setting `key` in its kind, or ValueError naming the key, the value and what is allowed."
     if key not in SETTINGS: raise ValueError(f"{source}: unknown key {key!r}; allowed keys: {', '.join(SETTINGS)}")
     return SETTINGS[key].check(value, source)
+
+def _check_adalora(config:dict):
+    if config["method"] != "adalora": return
+    if config["target_r"] > config["lora_r"]:
+        raise ValueError(f"target_r={config['target_r']} is more than lora_r={config['lora_r']}: adalora starts at lora_r and prunes down to target_r")
+    if config["shard"] == "fsdp": raise ValueError("method='adalora' masks whole ranks, which FSDP's shards do not hold: use shard: none")
+
+def _check_stages(config:dict):
+    method = config["stage_method"]
+    if method != "naive" and config["stages"] is None:
+        raise ValueError(f"stage_method={method!r} keeps earlier stages' skills, and stages is null (one stage): set stages")
+    if config["stages"] is None: return
+    if config["quant_aware_steps"] or config["method"] == "adalora":
+        raise ValueError("stages trains one adapter stage by stage: it does not combine with quant_aware_steps or method='adalora'")
+    if config["packing"]: raise ValueError("stages picks each stage's rows by their task, which packing merges into one row: set packing: false")
+    if method == "task_arithmetic" and config["method"] not in ("lora", "rslora"):
+        raise ValueError(f"stage_method='task_arithmetic' adds LoRA updates, which needs method lora or rslora, not {config['method']!r}")
+    count = config["stages"] if isinstance(config["stages"], int) else len(config["stages"])
+    if config["max_steps"] < count:
+        raise ValueError(f"max_steps={config['max_steps']} is split over {count} stages: it needs at least one step per stage")
 
 def check_combination(config:dict):
     "ValueError when settings that are each allowed contradict each other."
@@ -197,6 +242,7 @@ def check_combination(config:dict):
                          f"lora or rslora, not quant: {config['quant']} and method: {config['method']}")
     if config["quant_aware_steps"] > config["max_steps"]:
         raise ValueError(f"quant_aware_steps={config['quant_aware_steps']} is more than max_steps={config['max_steps']}: it counts the last steps of the run")
+    _check_adalora(config); _check_stages(config)
     if config["val"] == "auto" and config["data"] != "train" and config["val_fraction"] == 0:
         raise ValueError("val='auto' holds out val_fraction of the data file, and val_fraction=0 holds out nothing: "
                          "raise val_fraction, pass a val file, or set val: null")

@@ -274,6 +274,8 @@ class Checkpoints:
                  "best_eval_loss": self.best_eval_loss, "fingerprint": self.fingerprint,
                  "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}}
         (tmp / "trainer_state.json").write_text(json.dumps(jsonable(state), indent=1))
+        for cb in self.callbacks:  # a callback's tensors (e.g. the rank allocator's scores) go in safetensors, not JSON
+            if hasattr(cb, "state_tensors"): save_file(cb.state_tensors(), tmp / f"callback-{cb.name}.safetensors")
 
     def save_checkpoint(self, path:str|Path) -> Path:
         "Write a complete, atomic checkpoint of this trainer to `path`; in a multi-process run every rank calls it and rank 0 writes."
@@ -304,6 +306,8 @@ class Checkpoints:
         self.best_eval_loss = state["best_eval_loss"]
         for cb in self.callbacks:
             if hasattr(cb, "load_state_dict") and cb.name in state["callbacks"]: cb.load_state_dict(state["callbacks"][cb.name])
+            tensors = path / f"callback-{cb.name}.safetensors"
+            if hasattr(cb, "load_state_tensors") and tensors.is_file(): cb.load_state_tensors(load_file(tensors))
         self.resumed_from = path
         return self
 

@@ -110,3 +110,65 @@ def test_bad_budget_and_schedule_arguments_are_refused():
     with pytest.raises(ValueError, match="has no SVDLinear layers"):
         Trainer(load_base("tiny", device="cpu", dtype="fp32")[0].requires_grad_(True), rows, stack_rows, callbacks=[RankAllocator(10)],
                 batch_size=4, max_steps=4, device="cpu", dtype="fp32").fit()
+
+
+# --- method: adalora in a run (recipe, CLI, checkpoints, evaluation) ---
+
+from safetensors.torch import load_file
+
+from qlora_nb.cli import main
+from qlora_nb.recipe import build, evaluate_run
+from qlora_nb.runlog import read_run_log
+
+ADALORA = {"model": "tiny", "quant": "nf4", "method": "adalora", "lora_r": 6, "target_r": 3, "max_steps": 12, "save_steps": 6,
+           "eval_steps": None, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "em_examples": 0, "ppl_max_tokens": 0, "eval_rows": 8,
+           "progress": False, "data": "train", "threads": 1}
+
+
+class StopAt(Callback):
+    "Stops the run after `step`, once the checkpointer has saved it."
+    order = 200
+    def __init__(self, step): self.step = step
+    def after_step(self, trainer):
+        if trainer.step == self.step: trainer.stop_reason = "test stop"
+
+
+def test_adalora_run_keeps_its_budget_and_saves_plain_lora(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *[f"--set={k}={json.dumps(v)}" for k, v in ADALORA.items()], "--out", str(out)]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    base = load_base("tiny", device="cpu", dtype="fp32")[0]
+    add_svd_lora(base, r=6)
+    assert sum(t.numel() for t in tensors.values()) <= uniform_budget(base, 3)  # the budget of uniform r=3, in parameters
+    assert config["rank_pattern"] and max(config["rank_pattern"].values()) <= 6
+    events = [r for r in read_run_log(out) if r.get("event") == "lora_ranks"]
+    assert events[0]["step"] == 0 and events[-1]["cost"] <= events[-1]["budget"] < events[0]["budget"]
+    result = evaluate_run(out, {"em_examples": 6, "em_max_new_tokens": 2})
+    assert result["after"]["n"] == 6  # the saved plain-LoRA adapter loads onto the bare base
+
+
+def test_adalora_run_resumes_bit_for_bit(tmp_path):
+    straight = build({**ADALORA, "out": str(tmp_path / "straight")}).fit()
+    stopped = build({**ADALORA, "out": str(tmp_path / "stopped")}, callbacks=[StopAt(6)]).fit()
+    assert stopped.trainer.step == 6 and (tmp_path / "stopped" / "checkpoints" / "step-000006" / "callback-RankAllocator.safetensors").is_file()
+    resumed = build({**ADALORA, "out": str(tmp_path / "stopped")}, resume=True).fit()
+    assert resumed.trainer.step == 12
+    ours, theirs = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("straight", "stopped"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert straight.callback(RankAllocator).history == resumed.callback(RankAllocator).history
+
+
+def test_training_dashboard_draws_the_ranks_of_an_adalora_run(tmp_path):
+    from qlora_nb.dashboard import TrainingDashboard, default_run_config
+    dash = TrainingDashboard(default_run_config(method="adalora", lora_r=6, target_r=3, max_steps=12, eval_steps=None, lr=1e-2, threads=1),
+                             tmp_path, interval=0.1)
+    assert dash.start()
+    dash.wait(240)
+    assert dash.error is None and dash.run.trainer.step == 12
+    dash.board.poll(force=True)
+    panel = dash.board.rank_panel
+    assert panel.widget.children == (panel.fig,)
+    last = [r for r in read_run_log(dash.run_dir) if r.get("event") == "lora_ranks"][-1]
+    assert [list(row) for row in panel.fig.data[0].z] == rank_grid(last["ranks"])[2]
+    assert f"step {last['step']}" in panel.fig.layout.title.text and panel.fig.data[0].zmax == 6
