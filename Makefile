@@ -3,6 +3,7 @@
 #   make test   the whole suite: notebooks in sync, lint, nbdev_test, pytest
 #   make lab    JupyterLab on 127.0.0.1 with the project's venv
 #   make docs   the documentation site (quarto when on PATH, else the offline build)
+#   make llama-cpp  llama-cpp-python built from source into .venv-llama, the peer bench/decode.py compares with (never part of test)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
@@ -16,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lab docs setup model browser redis sync-check lint nbtest pytest bench clean-venv
+.PHONY: demo test lab docs setup model browser redis sync-check lint nbtest pytest bench llama-cpp clean-venv
 
 setup: $(STAMP)
 
@@ -88,6 +89,24 @@ docs: $(STAMP)
 
 bench: $(STAMP) model
 	for script in bench/*.py; do $(BIN)/python $$script; done
+
+# llama.cpp, the CPU peer for decoding, in its own venv: bench/decode.py runs its python in a subprocess on the
+# embedded GGUF. Built from source for this CPU (GGML_NATIVE), CPU only, about 6 minutes on 2 cores. A system cmake
+# and ninja are used when present, else PyPI's wheels go into that venv; a C++ compiler must be there.
+LLAMA_VENV := .venv-llama
+LLAMA_CPP_PYTHON := 0.3.16
+llama-cpp: $(LLAMA_VENV)/.installed
+
+$(LLAMA_VENV)/.installed:
+	@command -v g++ >/dev/null || command -v c++ >/dev/null || { echo "llama-cpp needs a C++ compiler (g++ or c++) on PATH"; exit 1; }
+	@test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	@command -v cmake >/dev/null && command -v ninja >/dev/null || $(LLAMA_VENV)/bin/pip install -q --disable-pip-version-check cmake ninja
+	PATH="$$PWD/$(LLAMA_VENV)/bin:$$PATH" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  $(LLAMA_VENV)/bin/pip install --disable-pip-version-check --no-binary llama-cpp-python --no-cache-dir \
+	  llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(LLAMA_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	@touch $@
 
 clean-venv:
 	rm -rf $(VENV)
