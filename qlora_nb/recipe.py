@@ -33,11 +33,11 @@ from .settings import SETTINGS, load_config_file, resolve_config
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'FINGERPRINT_KEYS', 'fingerprint', 'check_resumable', 'check_run_dir', 'clear_run_dir',
-           'keep_global_batch', 'elastic_resume', 'data_sources', 'spread_over_tasks', 'build_rows', 'resolve_device',
-           'lora_config', 'quant_storage', 'add_run_method', 'build_model', 'general_text_path', 'evaluate_model',
-           'allocator_callbacks', 'save_run_adapter', 'build_trainer', 'git_commit', 'run_environment',
-           'deployed_model', 'Run', 'evaluation_plan', 'evaluation_line', 'fit_and_evaluate', 'run_summary',
-           'check_inputs', 'build', 'evaluate_run']
+           'keep_global_batch', 'elastic_resume', 'data_sources', 'spread_over_tasks', 'run_datasets', 'build_rows',
+           'resolve_device', 'lora_config', 'quant_storage', 'add_run_method', 'build_model', 'general_text_path',
+           'evaluate_model', 'allocator_callbacks', 'save_run_adapter', 'build_trainer', 'git_commit',
+           'run_environment', 'deployed_model', 'Run', 'evaluation_plan', 'evaluation_line', 'fit_and_evaluate',
+           'run_summary', 'check_inputs', 'build', 'evaluate_run']
 
 # %% ../nbs/06c_recipe.ipynb #fb80f342
 RUN_FILES = ("config.json", "environment.json", "data_report.json", "run.jsonl", "checkpoints", "adapter", "report.html",
@@ -132,14 +132,18 @@ def spread_over_tasks(rows:list[dict], n:int) -> list[dict]:
             if queue and len(picked) < n: picked.append(queue.pop(0))
     return picked
 
-def build_rows(config:dict, tokenizer) -> tuple[dict[str, list[dict]], DataReport]:
-    "The run's tokenized train and val rows and its test rows, checked; and the data report."
+def run_datasets(config:dict, tokenizer):
+    "The run's splits as `prepare.build_datasets` makes them from `config`: tokenized rows with all their fields, and `test_rows`."
     sources = data_sources(config)
-    splits = build_datasets(tokenizer, sources["train"], sources["val"], config["max_length"], seed=config["seed"], test=sources["test"],
+    return build_datasets(tokenizer, sources["train"], sources["val"], config["max_length"], seed=config["seed"], test=sources["test"],
                             fields=config["fields"], skip_bad_rows=config["skip_bad_rows"], val_fraction=sources["val_fraction"], test_fraction=sources["test_fraction"],
                             clean_data=config["clean_data"], drop_long=config["drop_long"], augmentation=config["augmentation"],
                             augment_p=config["augment_p"], task_weights=config["task_weights"],
                             task_temperature=config["task_temperature"])
+
+def build_rows(config:dict, tokenizer) -> tuple[dict[str, list[dict]], DataReport]:
+    "The run's tokenized train and val rows and its test rows, checked; and the data report."
+    splits = run_datasets(config, tokenizer)
     tokens = lambda split: [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in split]
     train, val = tokens(splits["train"]), tokens(splits["val"].select(range(min(config["eval_rows"], len(splits["val"])))))
     if config["packing"]: train, val = pack_rows(train, config["max_length"]), pack_rows(val, config["max_length"])

@@ -18,13 +18,12 @@ from .lora import PEFT_PREFIX, LoRALinear, peft_config_dict
 from .data import make_collator
 from .methods import load_trainable, load_trainable_state, method_settings, save_trainable, trainable_state
 from .models import load_tokenizer
-from .prepare import build_datasets
 from .runlog import write_report
 from .distributed import launched_world
 from .settings import SETTINGS, resolve_config
 from .trainer import latest_checkpoint
 from .recipe import (Run, build_model, build_trainer, check_inputs, check_run_dir, clear_run_dir,
-                             data_sources, fingerprint, resolve_device, spread_over_tasks)
+                             fingerprint, resolve_device, run_datasets, spread_over_tasks)
 from .continual import (EWC, ReservoirBuffer, average_accuracy, average_forgetting, check_stages, deltas_applied,
                                 final_accuracy, fisher_diagonal, make_stages, merged_deltas, replay_rows, stage_rows)
 
@@ -62,12 +61,7 @@ def resolve_stages(stages:int|list[list[str]],  # the `stages` setting: a count,
 def task_splits(config:dict,  # a resolved config
                 tokenizer) -> dict[str, list[dict]]:
     "The run's tokenized train and val rows with all their fields (the task too), and its canonical test rows."
-    sources = data_sources(config)
-    splits = build_datasets(tokenizer, sources["train"], sources["val"], config["max_length"], seed=config["seed"], test=sources["test"],
-                            fields=config["fields"], skip_bad_rows=config["skip_bad_rows"], val_fraction=sources["val_fraction"],
-                            test_fraction=sources["test_fraction"], clean_data=config["clean_data"], drop_long=config["drop_long"],
-                            augmentation=config["augmentation"], augment_p=config["augment_p"], task_weights=config["task_weights"],
-                            task_temperature=config["task_temperature"])
+    splits = run_datasets(config, tokenizer)  # what `recipe.build_rows` tokenizes, before it keeps only the token ids
     return {"train": list(splits["train"]), "val": list(splits["val"]) if "val" in splits else [], "test": list(splits.test_rows)}
 
 def stage_test_rows(test_rows:list[dict],  # canonical test rows with a task
