@@ -73,8 +73,10 @@ nbtest: $(STAMP) model
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2 --timing --flags "$(strip $(NBTEST_FLAGS))" \
 	  --skip_folder_re '^([_.]|tutorials$$)'
 
+# One worker per core (pytest-xdist), each test file whole on one worker, one OpenMP thread each: most tests run the
+# tiny model, whose matrices gain nothing from a second thread, so two files at once take about half the time.
 pytest: $(STAMP) model browser redis
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q -ra
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q -ra -n auto --dist loadfile --durations=15
 
 test: sync-check lint nbtest pytest
 
