@@ -206,7 +206,7 @@ class TrainingPlots(PlotTraces):
     def render(self, runs:list[RunData]) -> bool:
         "Redraw the panels of the runs that changed since the last call, in one batched update; False if none did."
         runs = list(runs)[:self.max_runs]
-        keys = {slot: (id(runs[slot]), runs[slot].version) if slot < len(runs) else None for slot in range(self.max_runs)}
+        keys = {slot: (runs[slot].serial, runs[slot].version) if slot < len(runs) else None for slot in range(self.max_runs)}
         changed = [slot for slot, key in keys.items() if self.drawn.get(slot, "never") != key]
         if not changed: return False
         if 0 in changed: self._add_rank_traces(runs[0] if runs else None)
@@ -306,7 +306,7 @@ class RunPolling:
                 if restarted: shown.data.reset()
                 for record in records: shown.data.add(record)
             data = [shown.data for shown in self.runs]
-            versions = [(id(shown.data), shown.data.version, shown.report is not None) for shown in self.runs]
+            versions = [(shown.data.serial, shown.data.version, shown.report is not None) for shown in self.runs]
             if versions == self._shown_versions and not force: return False  # nothing new: no redraw
             if not (force or self.throttle.ready()): return False
             cost = time.thread_time()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_runlog.ipynb #efd2f4d4
 from __future__ import annotations
-import html, json, math, os, re, time
+import html, itertools, json, math, os, re, time
 from pathlib import Path
 
 import numpy as np
@@ -205,9 +205,11 @@ def _first(record:dict, keys:tuple):
 # %% ../nbs/04a_runlog.ipynb #87ba35ba
 class RunSeries:
     "The series of one run, built from its run-log records; bounded by `max_points` per series (a part of `RunData`)."
+    _serials = itertools.count()
     def __init__(self, name:str="run",  # the label in legends
                  max_points:int=1000, beta:float=0.9, max_alerts:int=200):
         self.name, self.max_points, self.beta, self.max_alerts = name, max_points, beta, max_alerts
+        self.serial = next(self._serials)  # this object's own number: unlike id(), never reused after it is freed
         self.reset()
 
     def reset(self):
