@@ -13,9 +13,9 @@ import torch
 
 # %% auto #0
 __all__ = ['SPEED_FLAGS', 'BF16_MAX_RATIO', 'COMPILE_MIN_NUMEL', 'set_seed', 'check_in', 'check_range', 'cache_dir', 'data_dir',
-           'atomic_dir', 'write_json_atomic', 'default_device', 'cpu_info', 'available_cores', 'machine_info',
-           'calibration_step_seconds', 'dtype_calibration', 'calibrated_cpu_dtype', 'compute_dtype', 'human_bytes',
-           'trim_heap', 'maybe_compiled']
+           'atomic_dir', 'atomic_file', 'write_json_atomic', 'default_device', 'cpu_info', 'available_cores',
+           'machine_info', 'calibration_step_seconds', 'dtype_calibration', 'calibrated_cpu_dtype', 'compute_dtype',
+           'human_bytes', 'trim_heap', 'maybe_compiled']
 
 # %% ../nbs/00_core.ipynb #4734fff1
 def set_seed(seed:int=0,  # the seed for python, numpy and torch (all devices)
@@ -86,12 +86,20 @@ def atomic_dir(final:Path|str,  # the folder to create or replace
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-def write_json_atomic(path:Path|str, value):
-    "Write `value` as JSON to `path` in one rename, so a reader sees the old file or the new one, never half of it."
+@contextlib.contextmanager
+def atomic_file(path:Path|str):
+    "Yield a temporary path beside `path`; once the block has written it, rename it to `path` in one step (else remove it)."
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def write_json_atomic(path:Path|str, value):
+    "Write `value` as JSON to `path` in one rename, so a reader sees the old file or the new one, never half of it."
+    text = json.dumps(value, indent=1, default=str)
+    with atomic_file(path) as tmp: tmp.write_text(text, encoding="utf-8")
 
 def _fsync_dir(path:Path):
     "Flush the files in `path` and the folder entry itself to disk."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_export.ipynb #9e502e08
 from __future__ import annotations
-import argparse, copy, json, os, shutil, sys, tempfile, uuid
+import argparse, copy, json, shutil, sys, tempfile
 from pathlib import Path
 
 import gguf
@@ -14,7 +14,7 @@ from torch import nn
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
-from .core import atomic_dir, check_in, check_range
+from .core import atomic_dir, atomic_file, check_in, check_range
 from .kernels import exact_matmuls
 from .lora import is_quantized, load_adapter, merge_lora
 from .models import load_base, resolve_model_path, tiny_config
@@ -28,8 +28,8 @@ from .recipe import build_model, build_rows
 # %% auto #0
 __all__ = ['EXPORT_KINDS', 'INFERENCE_SETTINGS', 'VERIFY_TEXTS', 'LLAMA_GGUF_NAMES', 'GPT2_GGUF_NAMES', 'GGUF_NAMES',
            'GGUF_ARCHITECTURES', 'GGUF_TYPES', 'EXPORT_RTOL', 'run_adapter', 'run_config', 'run_settings',
-           'load_run_model', 'dequantize_model', 'logits_of', 'compare_logits', 'export_merged', 'verify_merged',
-           'bnb_quantization_config', 'export_nf4', 'verify_nf4', 'export_adapter', 'verify_adapter',
+           'base_settings', 'load_run_model', 'dequantize_model', 'logits_of', 'compare_logits', 'export_merged',
+           'verify_merged', 'bnb_quantization_config', 'export_nf4', 'verify_nf4', 'export_adapter', 'verify_adapter',
            'gguf_tensor_name', 'permute_qk', 'gguf_llama_metadata', 'gguf_gpt2_metadata', 'gguf_architecture',
            'gguf_tokenizer_metadata', 'export_gguf', 'gguf_rounded', 'verify_gguf', 'check_quant_aware_export',
            'export_quant_aware_nf4', 'output_checks', 'base_config', 'export_run', 'make_export_parser', 'export_main']
@@ -69,7 +69,10 @@ def run_config(run_dir:Path|str,  # a run directory
 
 def run_settings(run_dir:Path|str, base:str|None=None) -> dict:
     "The run's base model and quantization: `model`, `quant` ('nf4', 'fp4' or 'none'), `blocksize`, `double_quant`."
-    config = run_config(run_dir, base)
+    return base_settings(run_config(run_dir, base))
+
+def base_settings(config:dict) -> dict:
+    "The base model and quantization of a resolved run config: `model`, `quant`, `blocksize`, `double_quant`."
     return {key: config[key] for key in ("model", "quant", "blocksize", "double_quant")}
 
 # %% ../nbs/14_export.ipynb #2549c56b
@@ -317,8 +320,7 @@ def export_gguf(model:nn.Module,  # a merged fp32 Llama or GPT-2 (e.g. loaded fr
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embeddings.weight
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _write_gguf_metadata(writer, name, gguf_type, model_meta, vocab)
         for hf_name, weight in model.state_dict().items():
@@ -329,8 +331,6 @@ def export_gguf(model:nn.Module,  # a merged fp32 Llama or GPT-2 (e.g. loaded fr
             data, raw_type = _gguf_array(weight, gguf_type)
             writer.add_tensor(gguf_tensor_name(hf_name, arch), data, raw_dtype=raw_type)
         writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
     return path
 
 # %% ../nbs/14_export.ipynb #94223d78
@@ -494,9 +494,10 @@ def export_run(run_dir:Path|str,  # a run directory with adapter/ (and config.js
     check_in(gguf_type, GGUF_TYPES, "gguf_type")
     run_dir = Path(run_dir)
     run_adapter(run_dir)
-    settings = run_settings(run_dir, base)
+    config = run_config(run_dir, base)
+    settings = base_settings(config)
     if "gguf" in kinds: gguf_architecture(base_config(settings["model"]))  # before any merging
-    if quant_aware: check_quant_aware_export(run_config(run_dir, base), kinds, blocksize)
+    if quant_aware: check_quant_aware_export(config, kinds, blocksize)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     for kind in kinds:
         path = _export_path(out_dir, kind, gguf_type)
@@ -508,7 +509,7 @@ def export_run(run_dir:Path|str,  # a run directory with adapter/ (and config.js
     if merging or check_outputs: model, tokenizer = load_run_model(run_dir, base, device)
     if check_outputs:
         say(f"checking the answers to {check_outputs} held-out prompts")
-        report["outputs"] = _passed_output_checks(output_checks(model, tokenizer, run_config(run_dir, base), check_outputs, blocklist),
+        report["outputs"] = _passed_output_checks(output_checks(model, tokenizer, config, check_outputs, blocklist),
                                                   allow_output_problems)
     if quant_aware: report["exports"]["nf4"] = _quant_aware_entry(model, tokenizer, out_dir / "nf4", settings["blocksize"], verify, rtol, overwrite, say, device)
     elif merging:

@@ -22,8 +22,8 @@ from .recompute import set_up_training_kernels
 __all__ = ['ATTENTION_NAMES', 'METHODS', 'METHOD_CHOICES', 'LORA_VARIANTS', 'TRAINABLE_FILE', 'METHOD_FILE', 'BACKENDS',
            'BottleneckAdapter', 'attention_block', 'decoder_layers', 'add_adapters', 'remove_adapters', 'add_bitfit',
            'full_finetune', 'feature_extraction', 'add_method', 'prepare_model', 'method_setup', 'method_settings',
-           'save_trainable', 'read_method', 'load_trainable', 'trainable_state', 'load_trainable_state',
-           'load_for_training']
+           'method_info', 'write_trained', 'save_trainable', 'read_method', 'load_trainable', 'trainable_state',
+           'load_trainable_state', 'load_for_training']
 
 # %% ../nbs/02c_methods.ipynb #3010e55f
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -199,6 +199,23 @@ def _check_set_up(model:nn.Module, method:str):
     if not any(p.requires_grad for p in model.parameters()): raise ValueError(f"{type(model).__name__} trains nothing; call add_method first")
 
 # %% ../nbs/02c_methods.ipynb #a8d607fc
+def method_info(model:nn.Module, method:str) -> dict:
+    "What `method.json` records: the method, what `load_trainable` needs to set a fresh base up for it, and the model's class."
+    return {"method": method, "settings": method_settings(model, method), "architecture": type(model).__name__,
+            "model_type": getattr(getattr(model, "config", None), "model_type", None)}
+
+def write_trained(folder:Path|str, info:dict,  # `method_info`'s record, for method.json
+                  tensors:dict[str, torch.Tensor],  # under PEFT's names for an adapter, else the parameters' names
+                  adapter_config:dict|None=None,  # a PEFT adapter_config.json: write a PEFT adapter; None: trainable.safetensors
+                  overwrite:bool=False) -> Path:
+    "Write what trained to `folder` atomically: a PEFT adapter or `trainable.safetensors`, and `method.json`."
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        if adapter_config is not None: (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        save_file(tensors, tmp / ("adapter_model.safetensors" if adapter_config is not None else TRAINABLE_FILE), metadata={"format": "pt"})
+        (tmp / METHOD_FILE).write_text(json.dumps(info, indent=1))
+    return Path(folder)
+
 def save_trainable(model:nn.Module,  # a model set up by `add_method` (and trained)
                    folder:Path|str,  # the folder to write
                    method:str,  # one of METHOD_CHOICES: how `model` was set up
@@ -206,16 +223,9 @@ def save_trainable(model:nn.Module,  # a model set up by `add_method` (and train
                   ) -> Path:
     "Write what `method` trained, atomically: the adapter in PEFT's format for LoRA, else `trainable.safetensors`; and `method.json`."
     check_in(method, METHOD_CHOICES, "method"); _check_set_up(model, method)
-    info = {"method": method, "settings": method_settings(model, method), "architecture": type(model).__name__,
-            "model_type": getattr(getattr(model, "config", None), "model_type", None)}
-    if method in LORA_VARIANTS: config, state = peft_config_dict(model), peft_state_dict(model)
-    else: state = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied parameters come once
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        if method in LORA_VARIANTS: (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, tmp / ("adapter_model.safetensors" if method in LORA_VARIANTS else TRAINABLE_FILE), metadata={"format": "pt"})
-        (tmp / METHOD_FILE).write_text(json.dumps(info, indent=1))
-    return Path(folder)
+    if method in LORA_VARIANTS: return write_trained(folder, method_info(model, method), peft_state_dict(model), peft_config_dict(model), overwrite)
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied parameters come once
+    return write_trained(folder, method_info(model, method), state, overwrite=overwrite)
 
 # %% ../nbs/02c_methods.ipynb #c88be0b0
 def read_method(folder:Path|str) -> dict:

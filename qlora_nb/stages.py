@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_stages.ipynb #1a3ecaa8
 from __future__ import annotations
-import json, math, os, random, shutil, uuid
+import json, math, random, shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
 
-from .core import atomic_dir, check_range, write_json_atomic
+from .core import atomic_file, check_range, write_json_atomic
 from .callback.core import Callback
 from .lora import PEFT_PREFIX, LoRALinear, peft_config_dict
 from .data import make_collator
-from .methods import load_trainable, load_trainable_state, method_settings, save_trainable, trainable_state
+from .methods import load_trainable, load_trainable_state, method_info, save_trainable, trainable_state, write_trained
 from .models import load_tokenizer
 from .runlog import write_report
 from .distributed import launched_world
@@ -130,9 +130,7 @@ def save_ewc(ewc:EWC, path:Path):
     "Write the EWC anchor and running Fisher to one safetensors file, atomically."
     tensors = {**{f"anchor.{n}": t.detach().cpu().contiguous() for n, t in ewc.anchor.items()},
                **{f"fisher.{n}": t.detach().cpu().contiguous() for n, t in ewc.fisher.items()}}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp: save_file(tensors, tmp)
 
 def load_ewc(ewc:EWC, path:Path, device="cpu") -> EWC:
     "`ewc` with the anchor and running Fisher that `save_ewc` wrote to `path`, on `device`."
@@ -168,14 +166,7 @@ def save_merged_adapter(model:nn.Module, adapters:Sequence[dict],  # as for `mer
     if config["use_dora"] or config["rank_pattern"] or config["alpha_pattern"] or config["modules_to_save"]:
         raise ValueError("save_merged_adapter merges plain LoRA of one rank and alpha (lora or rslora), not DoRA, patterns or modules_to_save")
     config.update(r=config["r"] * len(adapters), lora_alpha=merged_alpha(config["lora_alpha"], len(adapters), config["use_rslora"]))
-    info = {"method": method, "settings": method_settings(model, method), "architecture": type(model).__name__,
-            "model_type": getattr(getattr(model, "config", None), "model_type", None)}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in merged_lora(model, adapters).items()}
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "method.json").write_text(json.dumps(info, indent=1))
-    return Path(folder)
+    return write_trained(folder, method_info(model, method), merged_lora(model, adapters), config, overwrite)
 
 # %% ../nbs/17_stages.ipynb #50894450
 def stage_scores(per_task:dict[str, float],  # task -> its main-metric score (`evaluate_rows`' per_task)
